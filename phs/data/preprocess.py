@@ -1,0 +1,280 @@
+"""The paper's preprocessing of one volume, as MONAI dictionary transforms.
+
+Steps, in order (keys ``image``, ``label`` and, where present, ``healthy``):
+
+1. load (NIfTI with nibabel; ``.mha`` with ITK when installed) and check the volume;
+2. orient to ``PLS`` (array axes: anterior->posterior rows, right->left columns, inferior->superior
+   slices; axial slices then display in radiological convention);
+3. resample to the training voxel spacing (1 mm by default: a no-op for BraTS and ISLES 2015);
+4. intensity: shift so the background is 0, then the paper's clip to ``[0, V99.5]`` and scale
+   to ``[0, 1]`` (see :class:`BackgroundAwareScaled`);
+5. crop to the brain's bounding box, then pad/crop in-plane to ``slice_size`` (centred on the
+   brain) and keep the middle ``n_slices`` axial slices *of the brain's extent* (of the volume
+   would depend on the field of view; for BraTS the two agree within a few slices);
+6. the mask becomes binary: any non-zero label is pathology.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import (
+    CenterSpatialCropd,
+    Compose,
+    CropForegroundd,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    Spacingd,
+)
+
+from phs.errors import DataError
+
+AXCODES = "PLS"
+_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Settings that define the preprocessed slices (and so the cache key)."""
+
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    slice_size: tuple[int, int] = (208, 160)
+    n_slices: int = 60
+    normalize: str = "paper"  # "paper": clip [0, V_p] / V_p; "median": brain median -> 0.4
+    percentile: float = 99.5
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> PreprocessConfig:
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise DataError(f"unknown preprocessing option(s) {sorted(unknown)}")
+        if "spacing" in d:
+            s = d["spacing"]
+            d["spacing"] = tuple(float(v) for v in (s if isinstance(s, Sequence) else [s] * 3))
+        if "slice_size" in d:
+            d["slice_size"] = tuple(int(v) for v in d["slice_size"])
+        cfg = cls(**d)
+        if cfg.normalize not in ("paper", "median"):
+            raise DataError(
+                f"data.preprocess.normalize must be 'paper' or 'median', not '{cfg.normalize}'"
+            )
+        if len(cfg.spacing) != 3 or min(cfg.spacing) <= 0:
+            raise DataError(
+                f"data.preprocess.spacing must be 3 positive numbers, got {cfg.spacing}"
+            )
+        if len(cfg.slice_size) != 2 or min(cfg.slice_size) < 8 or cfg.n_slices < 1:
+            raise DataError("data.preprocess.slice_size must be two sizes >= 8 and n_slices >= 1")
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spacing"], d["slice_size"] = list(self.spacing), list(self.slice_size)
+        return d
+
+
+@dataclass
+class Intensity:
+    """How stored intensities map to [0, 1]: ``(x - background) / scale``, clipped."""
+
+    background: float
+    scale: float
+    extra: dict = field(default_factory=dict)
+
+
+def background_level(x: np.ndarray, min_fraction: float = 0.05) -> float:
+    """The constant value outside the brain of a skull-stripped volume.
+
+    It is the most frequent value when it covers at least ``min_fraction`` of the voxels (0 for raw
+    BraTS/ISLES, about -3.6 for a z-scored volume); otherwise (noisy, not skull-stripped data) 0.
+    """
+    sample = np.ascontiguousarray(x[::3, ::3, ::3]).ravel()
+    values, counts = np.unique(sample, return_counts=True)
+    i = int(np.argmax(counts))
+    return float(values[i]) if counts[i] >= min_fraction * sample.size else 0.0
+
+
+def fit_intensity(x: np.ndarray, method: str = "paper", percentile: float = 99.5) -> Intensity:
+    """Fit the intensity mapping of one volume (see :class:`BackgroundAwareScaled`)."""
+    b = background_level(x)
+    shifted = x - b
+    if method == "paper":
+        scale = float(np.percentile(shifted, percentile))
+    else:
+        brain = shifted[shifted > 0]
+        scale = float(np.median(brain)) / 0.4 if brain.size else 0.0
+    if not math.isfinite(scale) or scale <= 0:
+        raise DataError(
+            "the volume has no brain tissue above its background (empty or constant volume)"
+        )
+    return Intensity(background=b, scale=scale)
+
+
+class BackgroundAwareScaled(MapTransform):
+    """The paper's intensity rule, made safe for pre-normalised data.
+
+    ``x -> clip(x - b, 0, V) / V`` where ``b`` is the background level (:func:`background_level`)
+    and ``V`` is the ``percentile`` (99.5) of ``x - b`` over the whole volume. For raw data ``b = 0``
+    and this is exactly the paper's clip to ``[0, V99.5]``; for a z-scored volume with a constant
+    negative background a blind clip at 0 would erase the darker half of the brain, whereas the
+    shift keeps the tissue's contrast and puts the background at 0. ``method="median"`` instead
+    scales the brain's median to 0.4 (robust to a bright lesion dimming the brain).
+    The mapping of the first key is applied to the other keys (ground truth shares the scale) and
+    stored under ``"intensity"`` so outputs can be mapped back to the input's units.
+    """
+
+    def __init__(self, keys: Sequence[str], method: str = "paper", percentile: float = 99.5):
+        super().__init__(keys, allow_missing_keys=True)
+        self.method, self.percentile = method, percentile
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        ref = d[self.keys[0]]
+        fit = fit_intensity(np.asarray(ref[0]), self.method, self.percentile)
+        for key in self.key_iterator(d):
+            d[key] = ((d[key] - fit.background) / fit.scale).clamp_(0.0, 1.0)
+        d["intensity"] = {"background": fit.background, "scale": fit.scale}
+        return d
+
+
+class BinarizeLabeld(MapTransform):
+    """Any non-zero label is pathology."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = (d[key] > 0.5).to(torch.uint8) if torch.is_tensor(d[key]) else d[key] > 0.5
+        return d
+
+
+def _brain(x: torch.Tensor) -> torch.Tensor:
+    return x > 0
+
+
+def build_transforms(cfg: PreprocessConfig, keys: Sequence[str]) -> Compose:
+    """The deterministic volume pipeline after loading (orientation to slice selection)."""
+    keys = list(keys)
+    img_keys = [k for k in keys if k != "label"]
+    modes = ["nearest" if k == "label" else "bilinear" for k in keys]
+    h, w = cfg.slice_size
+    return Compose(
+        [
+            Orientationd(keys, axcodes=AXCODES, labels=_LABELS),
+            Spacingd(keys, pixdim=cfg.spacing, mode=modes, dtype=np.float32),
+            BackgroundAwareScaled(img_keys, method=cfg.normalize, percentile=cfg.percentile),
+            BinarizeLabeld(["label"], allow_missing_keys=True),
+            CropForegroundd(keys, source_key="image", select_fn=_brain, allow_smaller=True),
+            ResizeWithPadOrCropd(keys, spatial_size=(h, w, -1)),
+            CenterSpatialCropd(keys, roi_size=(-1, -1, cfg.n_slices)),
+        ]
+    )
+
+
+def check_headers(record: Mapping[str, Any]) -> None:
+    """Cheap checks from the file headers: readable, 3D, image and mask on the same grid."""
+    case = record["case"]
+    if record.get("problem"):
+        raise DataError(record["problem"], case)
+    headers = {}
+    for key in ("image", "label", "healthy"):
+        path = record.get(key)
+        if not path:
+            continue
+        if not Path(path).is_file():
+            raise DataError(f"{key} file {path} does not exist", case)
+        if not str(path).endswith((".nii", ".nii.gz")):
+            if str(path).endswith(".mha"):
+                continue  # read by ITK below; checked after loading
+            raise DataError(f"{key} file {path} is not a NIfTI file (.nii or .nii.gz)", case)
+        try:
+            img = nib.load(path)
+        except Exception as err:  # nibabel raises several types for corrupt headers
+            raise DataError(f"cannot read {key} file {path}: {err}", case) from None
+        shape = tuple(int(s) for s in img.shape)
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
+        if len(shape) != 3:
+            raise DataError(
+                f"{key} file {path} is {len(shape)}D with shape {shape}; a 3D volume is needed",
+                case,
+            )
+        headers[key] = (shape, img.affine, path)
+    ref_shape, ref_affine, ref_path = headers["image"]
+    for key in ("label", "healthy"):
+        if key not in headers:
+            continue
+        shape, affine, path = headers[key]
+        if shape != ref_shape:
+            raise DataError(f"{key} {path} has shape {shape} but the image has {ref_shape}", case)
+        if not np.allclose(affine, ref_affine, atol=1e-3):
+            raise DataError(f"{key} {path} is not on the image's grid (different affine)", case)
+
+
+def _check_values(d: Mapping[str, Any], case: str) -> None:
+    for key in ("image", "label", "healthy"):
+        if key not in d:
+            continue
+        x = d[key]
+        if x.ndim != 4:
+            raise DataError(
+                f"{key} {d.get(key + '_path', '')} is not a 3D volume (shape {tuple(x.shape[1:])})",
+                case,
+            )
+        if torch.isnan(x).any() or torch.isinf(x).any():
+            n = int((~torch.isfinite(x)).sum())
+            raise DataError(f"{key} file {d[key + '_path']} has {n} NaN/infinite voxels", case)
+    if not torch.any(d["image"] != d["image"].reshape(-1)[0]):
+        raise DataError(f"image {d['image_path']} is empty (constant value everywhere)", case)
+
+
+def load_and_preprocess(record: Mapping[str, Any], cfg: PreprocessConfig) -> dict[str, Any]:
+    """Load one case and return its selected slices as numpy arrays, shape ``(Z, H, W)``.
+
+    Returns ``image`` (float32 in [0, 1]), ``label`` (uint8 0/1), ``healthy`` (float32, when the
+    case has a ground truth), and ``intensity`` / ``source_shape`` / ``source_affine`` metadata.
+    """
+    case = record["case"]
+    check_headers(record)
+    keys = [k for k in ("image", "label", "healthy") if record.get(k)]
+    try:
+        loaded = LoadImaged(keys, ensure_channel_first=True, image_only=True)(
+            {k: record[k] for k in keys}
+        )
+    except Exception as err:
+        msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise DataError(f"cannot read {', '.join(record[k] for k in keys)}: {msg}", case) from None
+    for k in keys:
+        loaded[f"{k}_path"] = record[k]
+        # a trailing singleton 4th dimension (X, Y, Z, 1) is a 3D volume
+        while loaded[k].ndim > 4 and loaded[k].shape[-1] == 1:
+            loaded[k] = loaded[k][..., 0]
+    _check_values(loaded, case)
+    src_affine = np.asarray(loaded["image"].affine, dtype=np.float64)
+    src_shape = list(loaded["image"].shape[1:])
+    try:
+        out = build_transforms(cfg, keys)({k: loaded[k] for k in keys})
+    except DataError as err:
+        raise DataError(err.problem, case) from None
+    except Exception as err:  # MONAI wraps errors in RuntimeError("applying transform ...")
+        cause = err.__cause__ or err
+        raise DataError(f"preprocessing failed: {type(cause).__name__}: {cause}", case) from None
+    result: dict[str, Any] = {
+        k: np.ascontiguousarray(np.moveaxis(np.asarray(out[k][0]), -1, 0)) for k in keys
+    }
+    result["image"] = result["image"].astype(np.float32)
+    result["label"] = result["label"].astype(np.uint8)
+    if "healthy" in result:
+        result["healthy"] = result["healthy"].astype(np.float32)
+    result["intensity"] = out["intensity"]
+    result["source_shape"] = src_shape
+    result["source_affine"] = src_affine.tolist()
+    return result
