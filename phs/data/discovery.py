@@ -150,7 +150,7 @@ def discover_datalist(datalist: str | Path) -> list[dict]:
             image = (path.parent / item["image"]).resolve()
             label = (path.parent / item["label"]).resolve() if item.get("label") else None
             case = str(item.get("case") or _case_name(image, path.parent))
-            rec = _record(case, image, label, f"{key} entry {i} ({image}) has no 'label'")
+            rec = _record(case, image, label, f"{key} entry {i} ({image}) has no mask (no 'label')")
             if item.get("healthy"):
                 rec["healthy"] = str((path.parent / item["healthy"]).resolve())
             if fixed:

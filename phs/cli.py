@@ -1,0 +1,42 @@
+"""Shared plumbing of the command-line tools: clean one-line errors and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf.errors import OmegaConfBaseException
+
+from phs.errors import PhsError
+
+
+def _user_error(err: BaseException) -> BaseException | None:
+    """The user-facing error in ``err``'s cause chain (Hydra's instantiate wraps them)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, PhsError | OmegaConfBaseException):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print ``error: <message>`` and exit 2 for input/config errors (traceback with HYDRA_FULL_ERROR=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            user = _user_error(err)
+            if user is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            msg = str(user).strip().splitlines()
+            print(f"error: {' '.join(m.strip() for m in msg if m.strip())}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
