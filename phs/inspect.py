@@ -27,15 +27,8 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in (
-        "split",
-        "cases",
-        "healthy slices",
-        "pathological slices",
-        "slice shape",
-        "intensity range",
-        "lesion fraction",
-    ):
+    table.caption = "healthy / pathological: axial slices; lesion: lesion share of brain pixels"
+    for col in ("split", "cases", "healthy", "pathological", "shape", "intensity", "lesion"):
         table.add_column(col, justify="right" if col != "split" else "left")
 
     def row(name: str, s: dict[str, Any]) -> None:

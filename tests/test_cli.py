@@ -1,0 +1,72 @@
+"""The command-line tools as a user runs them: exit codes, messages, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+TINY = ["data.preprocess.slice_size=[40,32]", "data.preprocess.n_slices=16", "data.progress=false"]
+
+
+def run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PHS_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_inspect_writes_summary_and_montage(brats_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "summary.json"
+    p = run(["phs.inspect", "data=brats", f"data.root={brats_root}", f"out={out}", *TINY], tmp_path)
+    assert p.returncode == 0, p.stderr
+    s = json.loads(out.read_text())
+    assert s["n_cases"] == 5 and s["slice_shape"] == [40, 32]
+    assert {"n_slices_healthy", "n_slices_pathological", "intensity_min", "intensity_max"} <= set(s)
+    assert (tmp_path / "run" / "montage.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "datalist.json").exists()
+    assert "pathological" in p.stdout
+
+
+def test_missing_root_exit_2_one_line(tmp_path: Path) -> None:
+    p = run(["phs.inspect", "data=brats", f"data.root={tmp_path / 'nowhere'}", *TINY], tmp_path)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    assert "does not exist" in p.stderr and "nowhere" in p.stderr
+
+
+def test_bad_case_named_then_skipped(brats_root: Path, tmp_path: Path) -> None:
+    seg = brats_root / "LGG" / "Brats18_TEST_1_1" / "Brats18_TEST_1_1_seg.nii.gz"
+    seg.write_bytes(seg.read_bytes()[:100])  # truncated
+    p = run(["phs.inspect", "data=brats", f"data.root={brats_root}", *TINY], tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "Brats18_TEST_1_1" in p.stderr
+    out = tmp_path / "s.json"
+    p = run(
+        [
+            "phs.inspect",
+            "data=brats",
+            f"data.root={brats_root}",
+            "data.skip_bad_cases=true",
+            f"out={out}",
+            *TINY,
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    s = json.loads(out.read_text())
+    assert s["n_cases"] == 4 and s["skipped"][0]["case"] == "Brats18_TEST_1_1"
+
+
+def test_repo_root_is_importable_package() -> None:
+    assert (REPO / "phs" / "__init__.py").exists()
