@@ -1,0 +1,57 @@
+"""The paper's loss terms (plain torch + MONAI): cycle L1, least-squares / Wasserstein-GP
+adversarial terms, differentiable Dice."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss, PatchAdversarialLoss
+from torch import nn
+
+
+def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error (the L_CC terms)."""
+    return F.l1_loss(a, b)
+
+
+class Adversarial:
+    """Discriminator/critic and generator terms for ``mode`` ``lsgan`` (Mao et al., the paper) or
+    ``wgan_gp`` (the journal extension: Wasserstein critic with gradient penalty)."""
+
+    def __init__(self, mode: str = "lsgan", gp_weight: float = 10.0) -> None:
+        if mode not in ("lsgan", "wgan_gp"):
+            raise ValueError(f"adversarial mode must be 'lsgan' or 'wgan_gp', not '{mode}'")
+        self.mode, self.gp_weight = mode, gp_weight
+        # raw scores against 0/1 targets, no activation (MONAI adds a LeakyReLU otherwise)
+        self._ls = PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
+
+    def generator(self, fake_scores: torch.Tensor) -> torch.Tensor:
+        """The generator wants its fakes scored as real."""
+        if self.mode == "lsgan":
+            return 0.5 * self._ls(fake_scores, target_is_real=True, for_discriminator=False)
+        return -fake_scores.mean()
+
+    def discriminator(self, d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """Real scored 1 and fake 0 (lsgan), or the critic's ``E[D(fake)] - E[D(real)] + GP``."""
+        fake = fake.detach()
+        if self.mode == "lsgan":
+            return 0.5 * (
+                self._ls(d(real), target_is_real=True, for_discriminator=True)
+                + self._ls(d(fake), target_is_real=False, for_discriminator=True)
+            )
+        return d(fake).mean() - d(real).mean() + self.gp_weight * gradient_penalty(d, real, fake)
+
+
+def gradient_penalty(d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Gulrajani et al.: ``E[(||grad D(x_hat)||_2 - 1)^2]`` on random interpolates."""
+    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
+    x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
+    scores = d(x_hat)
+    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
+    return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def dice_loss(batch: bool = False) -> DiceLoss:
+    """Differentiable (soft) Dice on probabilities (Milletari et al.). ``batch=True`` pools the
+    whole batch, so slices with an empty mask are allowed."""
+    return DiceLoss(sigmoid=False, batch=batch, smooth_nr=1e-5, smooth_dr=1e-5)

@@ -1,0 +1,157 @@
+"""What every method shares: manual optimisation plumbing, declared losses and visuals,
+optimizer partials, and the validation/test metrics (one place, used by train and evaluate)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from phs import metrics
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class PHSMethod(pl.LightningModule):
+    """Base of all methods. Subclasses set ``loss_names`` and ``visual_names``, build their
+    networks, and implement :meth:`synthesize` and :meth:`training_step`.
+
+    ``synthesize(x_p)`` returns a dict with any of ``pseudo_healthy``, ``mask`` (pathology
+    probability) and ``reconstruction``; evaluation, the image grids and inference use only that.
+    """
+
+    loss_names: tuple[str, ...] = ()
+    visual_names: tuple[str, ...] = (
+        "x_p",
+        "pseudo_healthy",
+        "mask",
+        "reconstruction",
+        "residual",
+        "x_gt",
+    )
+    monitor: tuple[str, str] = ("val/identity", "max")
+
+    def __init__(
+        self, optimizer: OptimizerFactory, optimizer_d: OptimizerFactory | None = None
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.optimizer_factory = optimizer
+        self.optimizer_d_factory = optimizer_d or optimizer
+        self.test_rows: list[dict[str, Any]] = []
+
+    # -- to implement --------------------------------------------------------------------------
+    def synthesize(self, x_p: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def optimizer_groups(self) -> list[tuple[str, Iterable[nn.Parameter], bool]]:
+        """``(name, parameters, is_discriminator)`` for each optimizer, in step order."""
+        raise NotImplementedError
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            (self.optimizer_d_factory if is_d else self.optimizer_factory)(params=list(params))
+            for _, params, is_d in self.optimizer_groups()
+        ]
+
+    def optimize(self, opt: Any, loss: torch.Tensor, counted: bool = True) -> None:
+        """``zero_grad``, ``manual_backward``, ``step`` with only ``opt``'s networks receiving
+        gradients (Lightning's ``toggle_optimizer``). ``counted=False`` keeps the step out of
+        ``trainer.global_step``, so that one global step is one batch (one generator update)
+        whatever the number of discriminators."""
+        self.toggle_optimizer(opt)
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if counted:
+            opt.step()
+        else:  # Lightning counts every optimizer step in manual optimisation; skip the counter
+            before, after = opt._on_before_step, opt._on_after_step
+            opt._on_before_step = opt._on_after_step = lambda: None
+            try:
+                opt.step()
+            finally:
+                opt._on_before_step, opt._on_after_step = before, after
+        self.untoggle_optimizer(opt)
+
+    def log_losses(self, losses: dict[str, torch.Tensor], prog_bar: Iterable[str] = ()) -> None:
+        bar = set(prog_bar)
+        for name, value in losses.items():
+            if not torch.isfinite(value):
+                raise FloatingPointError(
+                    f"loss '{name}' is {value.item()} at step {self.global_step}"
+                )
+            self.log(
+                f"train/{name}", value.detach(), prog_bar=name in bar, on_step=True, on_epoch=False
+            )
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def visuals(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The declared visuals for a batch (for image grids and loggers)."""
+        out = self.synthesize(batch["x_p"])
+        if "pseudo_healthy" in out:
+            out["residual"] = (batch["x_p"] - out["pseudo_healthy"]).abs()
+        everything = {**batch, **out}
+        return {k: everything[k] for k in self.visual_names if k in everything}
+
+    @torch.no_grad()
+    def slice_metrics(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Per-slice metrics ``[B]`` of one evaluation batch."""
+        x_p, m_p = batch["x_p"], batch["m_p"]
+        out = self.synthesize(x_p)
+        result: dict[str, torch.Tensor] = {}
+        if "pseudo_healthy" in out:
+            x_ph = out["pseudo_healthy"].float()
+            result["identity"] = metrics.identity(x_ph, x_p, m_p)
+            if "x_gt" in batch:
+                result.update(metrics.ground_truth_metrics(x_ph, batch["x_gt"], m_p))
+        if "mask" in out:
+            result["dice"] = metrics.dice(out["mask"].float(), m_p)
+        return result
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        for name, values in self.slice_metrics(batch).items():
+            values = values[~torch.isnan(values)]
+            if len(values):
+                self.log(
+                    f"val/{name}",
+                    values.mean(),
+                    batch_size=len(values),
+                    prog_bar=name == self.monitor[0][4:],
+                )
+
+    def on_test_epoch_start(self) -> None:
+        self.test_rows = []
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        per_slice = self.slice_metrics(batch)
+        for i in range(len(batch["x_p"])):
+            row = {"case": batch["case"][i], "slice": int(batch["slice"][i])}
+            row.update({k: float(v[i]) for k, v in per_slice.items()})
+            self.test_rows.append(row)
+        for name, values in per_slice.items():
+            values = values[~torch.isnan(values)]
+            if len(values):
+                self.log(f"test/{name}", values.mean(), batch_size=len(values))
+
+    def test_summary(self) -> dict[str, dict[str, float]]:
+        """``{metric: {mean, std, n}}`` over test slices (NaN entries, e.g. no lesion, skipped)."""
+        names = [
+            k for k in (self.test_rows[0] if self.test_rows else {}) if k not in ("case", "slice")
+        ]
+        summary = {}
+        for name in names:
+            vals = torch.tensor(
+                [r[name] for r in self.test_rows if not math.isnan(r[name])], dtype=torch.float64
+            )
+            summary[name] = {
+                "mean": float(vals.mean()) if len(vals) else math.nan,
+                "std": float(vals.std(unbiased=False)) if len(vals) else math.nan,
+                "n": len(vals),
+            }
+        return summary

@@ -1,0 +1,199 @@
+"""Xia, Chartsias & Tsaftaris (MIDL 2019): pseudo-healthy synthesis with pathology factorization.
+
+G: pathological image -> pseudo-healthy image; S: image -> pathology mask;
+R: (image, mask) -> pathological image. Two cycles (Sec. 3.3):
+  P-H: x_p -> G(x_p), S(x_p) -> R(G(x_p), S(x_p)) ~ x_p
+  H-H: x_h, m_h = 0 -> R(x_h, m_h) -> G(.) ~ x_h and S(.) ~ m_h
+Losses (Sec. 3.4, 4.1):
+  paired:   L = l1 * L_CC + l2 * L_GAN1 + l3 * L_Seg     (10, 1, 10)
+  unpaired: L = l1 * L_CC + l2 * L_GAN1 + l3 * L_GAN2    (10, 2, 10)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from phs.losses import Adversarial, dice_loss, l1
+from phs.methods.base import OptimizerFactory, PHSMethod
+
+
+class ProposedPaired(PHSMethod):
+    """The paired setting: S is supervised with a differentiable Dice (L_Seg)."""
+
+    loss_names = ("loss", "cc", "cc_ph", "cc_hh_image", "cc_hh_mask", "gan1", "seg", "d_x")
+    monitor = ("val/dice", "max")
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        segmentor: nn.Module,
+        reconstructor: nn.Module,
+        discriminator: nn.Module,
+        optimizer: OptimizerFactory,
+        optimizer_d: OptimizerFactory | None = None,
+        loss: dict[str, float] | None = None,
+        adversarial: str = "lsgan",
+        gp_weight: float = 10.0,
+        n_critic: int = 5,
+        n_critic_warmup: int = 10,
+        warmup_epochs: int = 25,
+    ) -> None:
+        super().__init__(optimizer, optimizer_d)
+        self.G, self.S, self.R, self.D_x = generator, segmentor, reconstructor, discriminator
+        lam = {"lambda_cc": 10.0, "lambda_gan": 1.0, "lambda_seg": 10.0, **(loss or {})}
+        self.lambda_cc, self.lambda_gan, self.lambda_seg = (
+            lam["lambda_cc"],
+            lam["lambda_gan"],
+            lam["lambda_seg"],
+        )
+        self.adv = Adversarial(adversarial, gp_weight)
+        self.n_critic, self.n_critic_warmup, self.warmup_epochs = (
+            n_critic,
+            n_critic_warmup,
+            warmup_epochs,
+        )
+        self.dice = dice_loss()
+        self._batches = 0
+
+    # -- inference --------------------------------------------------------------------------------
+    def synthesize(self, x_p: torch.Tensor) -> dict[str, torch.Tensor]:
+        x_ph, m_ph = self.G(x_p), self.S(x_p)
+        return {
+            "pseudo_healthy": x_ph,
+            "mask": m_ph,
+            "reconstruction": self.R(torch.cat([x_ph, m_ph], 1)),
+        }
+
+    # -- the losses -------------------------------------------------------------------------------
+    def cycles(self, x_p: torch.Tensor, x_h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both cycles' outputs."""
+        m_h = torch.zeros_like(x_h)  # the null 'healthy' mask
+        x_ph, m_ph = self.G(x_p), self.S(x_p)  # cycle P-H
+        x_rec = self.R(torch.cat([x_ph, m_ph], 1))
+        x_hh = self.R(torch.cat([x_h, m_h], 1))  # cycle H-H
+        return {
+            "x_ph": x_ph,
+            "m_ph": m_ph,
+            "x_rec": x_rec,
+            "x_hh": x_hh,
+            "m_h": m_h,
+            "x_hh_rec": self.G(x_hh),
+            "m_hh_rec": self.S(x_hh),
+        }
+
+    def segmentation_loss(self, m_ph: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """L_Seg: Dice between S(x_p) and its annotated mask."""
+        return self.dice(m_ph, batch["m_p"])
+
+    def generator_loss(
+        self, batch: dict[str, Any], c: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        x_p, x_h = batch["x_p"], batch["x_h"]
+        cc_ph = l1(c["x_rec"], x_p)
+        cc_hh_image = l1(c["x_hh_rec"], x_h)
+        cc_hh_mask = l1(c["m_hh_rec"], c["m_h"])  # L1, not Dice: Dice is undefined on an empty mask
+        cc = cc_ph + cc_hh_image + cc_hh_mask
+        gan1 = self.adv.generator(self.D_x(c["x_ph"])) + self.adv.generator(self.D_x(c["x_hh"]))
+        seg = self.segmentation_loss(c["m_ph"], batch)
+        loss = self.lambda_cc * cc + self.lambda_gan * gan1 + self.lambda_seg * seg
+        return {
+            "loss": loss,
+            "cc": cc,
+            "cc_ph": cc_ph,
+            "cc_hh_image": cc_hh_image,
+            "cc_hh_mask": cc_hh_mask,
+            "gan1": gan1,
+            "seg": seg,
+        }
+
+    def discriminator_loss(
+        self, batch: dict[str, Any], c: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """D_x: real healthy slices against G(x_p) and R(x_h, m_h)."""
+        x_h = batch["x_h"]
+        return {
+            "d_x": self.adv.discriminator(self.D_x, x_h, c["x_ph"])
+            + self.adv.discriminator(self.D_x, x_h, c["x_hh"])
+        }
+
+    # -- one batch --------------------------------------------------------------------------------
+    def generator_steps_now(self) -> bool:
+        """lsgan: every batch. wgan_gp: every n_critic-th batch (n_critic_warmup in early epochs)."""
+        if self.adv.mode == "lsgan":
+            return True
+        n = self.n_critic_warmup if self.current_epoch < self.warmup_epochs else self.n_critic
+        return self._batches % n == 0
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        opt_g, *opt_ds = self.optimizers()
+        update_g = self.generator_steps_now()
+        self._batches += 1
+        if update_g:
+            c = self.cycles(batch["x_p"], batch["x_h"])
+            g = self.generator_loss(batch, c)
+            self.optimize(opt_g, g["loss"])
+        else:
+            with torch.no_grad():
+                c = self.cycles(batch["x_p"], batch["x_h"])
+            g = {}
+        fakes = {k: v.detach() for k, v in c.items()}
+        d = self.discriminator_loss(batch, fakes)
+        counted = not update_g  # one global step per batch: only the batch's first update counts
+        for opt, name in zip(opt_ds, d, strict=True):
+            self.optimize(opt, d[name], counted=counted)
+            counted = False
+        self.log_losses({**g, **d}, prog_bar=("loss", "cc", "seg", "gan2", "d_x"))
+
+    def optimizer_groups(self):
+        return [
+            (
+                "generators",
+                [*self.G.parameters(), *self.S.parameters(), *self.R.parameters()],
+                False,
+            ),
+            ("d_x", self.D_x.parameters(), True),
+        ]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["phs_batches"] = self._batches
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._batches = checkpoint.get("phs_batches", 0)
+
+
+class ProposedUnpaired(ProposedPaired):
+    """The unpaired setting: L_Seg is replaced by L_GAN2, a mask discriminator D_m between S(x_p)
+    and real masks of other volumes."""
+
+    loss_names = ("loss", "cc", "cc_ph", "cc_hh_image", "cc_hh_mask", "gan1", "gan2", "d_x", "d_m")
+
+    def __init__(
+        self,
+        mask_discriminator: nn.Module,
+        *args: Any,
+        loss: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, loss={"lambda_gan": 2.0, **(loss or {})}, **kwargs)
+        self.D_m = mask_discriminator
+
+    def segmentation_loss(self, m_ph: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """L_GAN2 (generator side): S's masks should look like real masks to D_m."""
+        return self.adv.generator(self.D_m(m_ph))
+
+    def generator_loss(self, batch, c):
+        out = super().generator_loss(batch, c)
+        out["gan2"] = out.pop("seg")
+        return out
+
+    def discriminator_loss(self, batch, c):
+        return {
+            **super().discriminator_loss(batch, c),
+            "d_m": self.adv.discriminator(self.D_m, batch["m_real"], c["m_ph"]),
+        }
+
+    def optimizer_groups(self):
+        return [*super().optimizer_groups(), ("d_m", self.D_m.parameters(), True)]

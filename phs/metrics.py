@@ -1,0 +1,88 @@
+"""Evaluation metrics on ``[B,1,H,W]`` tensors in [0, 1] (plain torch + torchmetrics).
+
+identity: the paper's masked MS-SSIM (window 11) between ``(1-m_p)*x_ph`` and ``(1-m_p)*x_p``.
+torchmetrics' 5-scale MS-SSIM needs each side > 160 for window 11 (the coarsest of the 5 scales
+must still hold the window), so a 208x160 slice has no 5-scale value. Rule used here: as many
+scales as the image allows (at most 5; the coarsest scale's side must exceed the window), with
+the standard scale weights (Wang et al. 2003) truncated and renormalised to sum to 1. Wherever
+5 scales are possible this is exactly torchmetrics' MS-SSIM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as _ms_ssim
+
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def ms_ssim_scales(height: int, width: int, kernel_size: int = 11) -> int:
+    """The number of scales (1..5) for which every scale still holds the window."""
+    side = min(height, width)
+    for n in range(len(MS_SSIM_BETAS), 0, -1):
+        # both the principled rule and torchmetrics' own check must hold
+        if side // 2 ** (n - 1) > kernel_size - 1 and side // max(1, n - 1) ** 2 > kernel_size - 1:
+            return n
+    raise ValueError(
+        f"a {height}x{width} image is too small for an MS-SSIM window of {kernel_size}"
+    )
+
+
+def ms_ssim(x: torch.Tensor, y: torch.Tensor, kernel_size: int = 11) -> torch.Tensor:
+    """Per-image MS-SSIM ``[B]`` with data range 1 and the scale rule in the module docstring."""
+    n = ms_ssim_scales(x.shape[-2], x.shape[-1], kernel_size)
+    betas = tuple(b / sum(MS_SSIM_BETAS[:n]) for b in MS_SSIM_BETAS[:n])
+    if n == 1:  # single scale: plain SSIM (luminance term included)
+        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+        return ssim(x.float(), y.float(), data_range=1.0, kernel_size=kernel_size, reduction="none")
+    return _ms_ssim(
+        x.float(), y.float(), data_range=1.0, kernel_size=kernel_size, betas=betas, reduction="none"
+    )
+
+
+def identity(x_ph: torch.Tensor, x_p: torch.Tensor, m_p: torch.Tensor) -> torch.Tensor:
+    """The paper's 'identity': MS-SSIM outside the pathology mask, per slice ``[B]``."""
+    keep = 1.0 - (m_p > 0.5).float()
+    return ms_ssim(keep * x_ph, keep * x_p)
+
+
+def masked_psnr(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """PSNR (data range 1) over the pixels where ``region`` is set, per slice; NaN if empty."""
+    region = region.float()
+    n = region.flatten(1).sum(1)
+    mse = ((x - y) ** 2 * region).flatten(1).sum(1) / n.clamp_min(1)
+    psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+    return torch.where(n > 0, psnr, torch.full_like(psnr, math.nan))
+
+
+def masked_mae(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over ``region``, per slice; NaN if empty."""
+    region = region.float()
+    n = region.flatten(1).sum(1)
+    mae = ((x - y).abs() * region).flatten(1).sum(1) / n.clamp_min(1)
+    return torch.where(n > 0, mae, torch.full_like(mae, math.nan))
+
+
+def dice(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Hard Dice per slice (1 when both are empty)."""
+    p, t = (pred > threshold).flatten(1).float(), (target > 0.5).flatten(1).float()
+    inter, total = (p * t).sum(1), p.sum(1) + t.sum(1)
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+
+
+def ground_truth_metrics(
+    x_ph: torch.Tensor, x_gt: torch.Tensor, m_p: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """PSNR and MAE against the true healthy image, inside and outside the lesion, per slice."""
+    lesion = m_p > 0.5
+    brain = (x_gt > 0) | lesion
+    outside = brain & ~lesion
+    return {
+        "psnr_lesion": masked_psnr(x_ph, x_gt, lesion),
+        "psnr_outside": masked_psnr(x_ph, x_gt, outside),
+        "mae_lesion": masked_mae(x_ph, x_gt, lesion),
+        "mae_outside": masked_mae(x_ph, x_gt, outside),
+    }
