@@ -43,6 +43,13 @@ class PHSMethod(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.optimizer_d_factory = optimizer_d or optimizer
         self.test_rows: list[dict[str, Any]] = []
+        self.phs_config: dict[str, Any] | None = (
+            None  # the run's resolved config, saved in checkpoints
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.phs_config is not None:
+            checkpoint["phs_config"] = self.phs_config
 
     # -- to implement --------------------------------------------------------------------------
     def synthesize(self, x_p: torch.Tensor) -> dict[str, torch.Tensor]:

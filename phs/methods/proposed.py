@@ -158,6 +158,7 @@ class ProposedPaired(PHSMethod):
         ]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["phs_batches"] = self._batches
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

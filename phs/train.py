@@ -1,0 +1,88 @@
+"""``python -m phs.train [data=...] [model=...] [experiment=...]``: train one method.
+
+Compose the config, instantiate data, model, callbacks, loggers and trainer, fit, test, and
+write ``metrics.json`` (test stage), ``test_metrics.csv`` (per slice), ``test_samples.png``,
+``datalist.json`` (the split) and ``checkpoints/`` into the Hydra run folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from phs.cli import friendly_errors
+from phs.methods import PHSMethod
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a ``{name: {_target_: ...}}`` group (callbacks, loggers)."""
+    return [hydra.utils.instantiate(c) for c in (cfg or {}).values() if c and "_target_" in c]
+
+
+def write_metrics(out_dir: Path, model: PHSMethod) -> dict[str, Any]:
+    """``metrics.json`` ({metric: {mean, std, n}}, spread over test slices) and the per-slice CSV."""
+    summary = model.test_summary()
+    clean = {
+        k: {kk: (None if isinstance(vv, float) and math.isnan(vv) else vv) for kk, vv in v.items()}
+        for k, v in summary.items()
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(clean, indent=2))
+    if model.test_rows:
+        with open(out_dir / "test_metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(model.test_rows[0]))
+            writer.writeheader()
+            writer.writerows(model.test_rows)
+    return clean
+
+
+@friendly_errors
+def train(cfg: DictConfig) -> float | None:
+    """Fit and test one method; returns the monitored validation metric (for sweepers)."""
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model: PHSMethod = hydra.utils.instantiate(cfg.model)
+    model.phs_config = OmegaConf.to_container(cfg, resolve=True)
+    for cb in (cfg.get("callbacks") or {}).values():  # default monitor: the method's own metric
+        if (
+            cb
+            and str(cb.get("_target_", "")).endswith("ModelCheckpoint")
+            and cb.get("monitor", "") is None
+        ):
+            cb.monitor, cb.mode = model.monitor
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False
+    )
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    score = trainer.callback_metrics.get(model.monitor[0])
+    if cfg.get("test"):
+        trainer.test(model, datamodule=datamodule)
+        metrics = write_metrics(out_dir, model)
+        log.info(
+            "test metrics: %s",
+            {k: round(v["mean"], 4) for k, v in metrics.items() if v["mean"] is not None},
+        )
+    print(f"run folder: {out_dir}")
+    return float(score) if score is not None else None
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
