@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import binary_dilation, map_coordinates
 
 from phs.errors import PhsError
 
@@ -64,10 +65,10 @@ _KIND_ID = {"brats": 1, "isles": 2}
 _WM_RANGE = (0.70, 0.82)
 _CSF_RANGE = (0.10, 0.20)
 # Output grids: shape, affine (LPS-like, world origin at the volume centre), slice index
-# where the top of the brain lands, and file extension.
+# where the top of the brain lands.
 _GRIDS: dict[str, dict[str, Any]] = {
-    "brats": {"shape": (240, 240, 155), "top": 144, "ext": ".nii.gz"},
-    "isles": {"shape": (230, 230, 153), "top": 142, "ext": ".nii"},
+    "brats": {"shape": (240, 240, 155), "top": 144},
+    "isles": {"shape": (230, 230, 153), "top": 142},
 }
 # Template point (MNI mm) that the subject is scaled and rotated about: brain centre in x/y.
 _ANCHOR = np.array([0.0, -17.0, 10.0])
@@ -100,7 +101,7 @@ def _template() -> dict[str, Any]:
     idx = np.argwhere(mask > 0)
     lo = np.maximum(idx.min(0) - 2, 0)
     hi = np.minimum(idx.max(0) + 3, mask.shape)
-    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     affine = mask_img.affine.copy()
     affine[:3, 3] += affine[:3, :3] @ lo
     stack = torch.from_numpy(np.stack([mask[sl], gm[sl], wm[sl]])[None].copy())
@@ -170,8 +171,6 @@ def _blob(rng: np.random.Generator, radii: np.ndarray, rot: np.ndarray, eps: flo
 
 def _trilinear(vol: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """Trilinear interpolation of a small 3D array at positions (..., 3) (voxel units)."""
-    from scipy.ndimage import map_coordinates
-
     flat = pos.reshape(-1, 3).T
     return map_coordinates(vol, flat, order=1, mode="nearest").reshape(pos.shape[:-1])
 
@@ -192,10 +191,12 @@ class _Lesion:
         self.centre = centre  # output voxel coordinates (float)
         self.lo = np.floor(centre - ext).astype(int)
         self.hi = np.ceil(centre + ext).astype(int) + 1
-        self.parts: list[tuple[Any, Any]] = []
 
     def dv(self) -> np.ndarray:
-        axes = [np.arange(a, b, dtype=np.float32) - c for a, b, c in zip(self.lo, self.hi, self.centre)]
+        axes = [
+            np.arange(a, b, dtype=np.float32) - c
+            for a, b, c in zip(self.lo, self.hi, self.centre, strict=True)
+        ]
         return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
 
 
@@ -204,8 +205,8 @@ def _box(lo: np.ndarray, hi: np.ndarray, shape: tuple[int, ...]):
     clo, chi = np.maximum(lo, 0), np.minimum(hi, shape)
     if np.any(chi <= clo):
         return None
-    vol = tuple(slice(a, b) for a, b in zip(clo, chi))
-    loc = tuple(slice(a - o, b - o) for a, b, o in zip(clo, chi, lo))
+    vol = tuple(slice(a, b) for a, b in zip(clo, chi, strict=True))
+    loc = tuple(slice(a - o, b - o) for a, b, o in zip(clo, chi, lo, strict=True))
     return vol, loc
 
 
@@ -213,8 +214,14 @@ def _draw_tumour(rng: np.random.Generator, centre: np.ndarray) -> dict[str, Any]
     """Glioma geometry and intensities (relative to GM); distances are in mm."""
     radius = math.exp(rng.uniform(math.log(14.0), math.log(36.0)))
     radii = radius * np.exp(rng.uniform(-0.25, 0.25, size=3))
-    radii[2] = min(radii[2], 19.0)  # keep part of the middle slices lesion-free
-    rot = _rotation(np.array([rng.uniform(-0.4, 0.4), rng.uniform(-0.4, 0.4), rng.uniform(-math.pi, math.pi)]))
+    # limited height keeps part of the middle slices lesion-free; no flat pancakes either
+    radii[2] = min(radii[2], 20.0)
+    radii[:2] = np.minimum(radii[:2], radii[2] / 0.65)
+    rot = _rotation(
+        np.array(
+            [rng.uniform(-0.25, 0.25), rng.uniform(-0.25, 0.25), rng.uniform(-math.pi, math.pi)]
+        )
+    )
     edema, ext = _blob(rng, radii, rot, eps=0.3)
     core_frac = rng.uniform(0.35, 0.65)
     core_radii = radii * core_frac * np.exp(rng.uniform(-0.15, 0.15, size=3))
@@ -271,7 +278,7 @@ def _label_zrange(geos: list[tuple[_Lesion, dict[str, np.ndarray]]], depth: int)
     for box, d in geos:
         env = np.maximum(d["edema"], d["core"]) if "core" in d else d["edema"]
         has = (env > 0).any(axis=(0, 1))
-        for k, h in zip(range(box.lo[2], box.hi[2]), has):
+        for k, h in zip(range(box.lo[2], box.hi[2]), has, strict=True):
             if 0 <= k < depth and h:
                 z[k] = True
     return z
@@ -305,7 +312,9 @@ def _subject(rng: np.random.Generator, kind: str) -> dict[str, Any]:
     }
 
 
-def _to_subject(q: np.ndarray, sub: dict[str, Any], shape: tuple[int, ...], aff: np.ndarray) -> np.ndarray:
+def _to_subject(
+    q: np.ndarray, sub: dict[str, Any], shape: tuple[int, ...], aff: np.ndarray
+) -> np.ndarray:
     """Output voxel coordinates of template point ``q`` (mm) (fixed-point inversion)."""
     w2t = sub["w2t"]
     minv = np.linalg.inv(w2t[:3, :3])
@@ -320,7 +329,9 @@ def _to_subject(q: np.ndarray, sub: dict[str, Any], shape: tuple[int, ...], aff:
     return vinv[:3, :3] @ w + vinv[:3, 3]
 
 
-def _place_lesions(rng: np.random.Generator, kind: str, sub: dict[str, Any]) -> list[dict[str, Any]]:
+def _place_lesions(
+    rng: np.random.Generator, kind: str, sub: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Draw lesions; retry until part of the middle slices is lesion-free and part is not."""
     tpl = _template()
     shape = _GRIDS[kind]["shape"]
@@ -378,7 +389,7 @@ def _mass_effect(grid: torch.Tensor, les: dict[str, Any], amp: float, lin: np.nd
     if b is None:
         return
     vol, _ = b
-    axes = [np.arange(s.start, s.stop, dtype=np.float32) - cc for s, cc in zip(vol, c)]
+    axes = [np.arange(s.start, s.stop, dtype=np.float32) - cc for s, cc in zip(vol, c, strict=True)]
     dv = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
     r = np.linalg.norm(dv, axis=-1)
     x = r / r0
@@ -454,7 +465,9 @@ def generate_case(
             if "core" in les:
                 _mass_effect(grid, les, amp, lin)
 
-    warped = F.grid_sample(tpl["stack"], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+    warped = F.grid_sample(
+        tpl["stack"], grid, mode="bilinear", padding_mode="zeros", align_corners=True
+    )[0]
     del grid
     mask_w, gm_w, wm_w = warped[0], warped[1], warped[2]
     brain = mask_w >= 0.5
@@ -470,8 +483,6 @@ def generate_case(
     # ---- lesions, blended into a copy of the healthy signal
     image = healthy.copy()
     label = np.zeros(shape, dtype=np.uint8)
-    from scipy.ndimage import binary_dilation
-
     for les in lesions:
         box, d = _geometry(les)
         b = _box(box.lo, box.hi, shape)
@@ -611,6 +622,31 @@ def _write_case(out: str, kind: str, index: int, seed: int, mass_effect: float) 
     }
 
 
+def _remove_stale(out: Path, n_volumes: int) -> None:
+    """Delete the files of cases beyond ``n_volumes`` listed by an earlier ``phantom.json``."""
+    try:
+        old = json.loads((out / "phantom.json").read_text())["cases"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for rec in old:
+        if not isinstance(rec, dict) or int(rec.get("index", 0)) <= n_volumes:
+            continue
+        for key in ("image", "label", "healthy"):
+            rel = rec.get(key)
+            if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+                continue
+            path = out / rel
+            path.unlink(missing_ok=True)
+            for parent in path.relative_to(out).parents:  # prune folders left empty
+                folder = out / parent
+                if folder == out:
+                    break
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -627,7 +663,8 @@ def generate(
     """Write a phantom dataset of ``n_volumes`` cases to ``out`` and return ``out``.
 
     Case i depends only on (kind, seed, i, mass_effect). ``workers=0`` picks up to 2
-    processes (1 runs in this process). ``phantom.json`` is removed first and written last.
+    processes (1 runs in this process). ``phantom.json`` is removed first and written last;
+    cases beyond ``n_volumes`` listed by a previous ``phantom.json`` in ``out`` are deleted.
     """
     if kind not in KINDS:
         raise PhsError(f"phantom kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -639,6 +676,7 @@ def generate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "phantom.json"
+    _remove_stale(out, n_volumes)
     meta_path.unlink(missing_ok=True)
     cores = os.cpu_count() or 1
     if workers == 0:
@@ -666,8 +704,13 @@ def generate(
         else:
             ctx = multiprocessing.get_context("spawn")
             threads = max(1, cores // workers)
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
-                futs = [ex.submit(_write_case, str(out), kind, i, seed, amp) for i in range(1, n_volumes + 1)]
+            with ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
+            ) as ex:
+                futs = [
+                    ex.submit(_write_case, str(out), kind, i, seed, amp)
+                    for i in range(1, n_volumes + 1)
+                ]
                 for fut in as_completed(futs):
                     r = fut.result()
                     results[r["index"]] = r
@@ -694,7 +737,13 @@ def _matches(root: Path, kind: str, n_volumes: int, seed: int, mass_effect: floa
         meta = json.loads((root / "phantom.json").read_text())
     except (OSError, ValueError):
         return False
-    want = {"kind": kind, "n_volumes": n_volumes, "seed": seed, "version": VERSION, "mass_effect": mass_effect}
+    want = {
+        "kind": kind,
+        "n_volumes": n_volumes,
+        "seed": seed,
+        "version": VERSION,
+        "mass_effect": mass_effect,
+    }
     return all(meta.get(k) == v for k, v in want.items())
 
 
@@ -714,7 +763,9 @@ def ensure_phantom(root: str | Path, n_volumes: int, kind: str, seed: int, **kw:
         if not root.is_dir():
             raise PhsError(f"phantom root {root} exists and is not a folder")
         if any(root.iterdir()) and not (root / "phantom.json").exists():
-            raise PhsError(f"phantom root {root} is not empty and holds no phantom.json; refusing to overwrite it")
+            raise PhsError(
+                f"phantom root {root} is not empty and holds no phantom.json; refusing to overwrite it"
+            )
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
