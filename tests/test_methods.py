@@ -1,0 +1,225 @@
+"""The methods, composed from the real Hydra config and trained on tiny real data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from phs.train import train
+
+MODELS = ["proposed_paired", "proposed_unpaired", "cgan", "cyclegan", "segmentor"]
+
+
+def config(tmp_path: Path, root: Path, *overrides: str) -> DictConfig:
+    """The train config as a user gets it, on tiny slices and tiny networks."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[
+                "~experiment",
+                "data=brats",
+                f"data.root={root}",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                "data.preprocess.slice_size=[40,32]",
+                "data.preprocess.n_slices=16",
+                "data.progress=false",
+                "data.split.test_fraction=0.2",
+                "data.split.val_fraction=0.25",
+                "net.width=8",
+                "net.n_res=2",
+                "net.seg_depth=3",
+                "net.d_layers=2",
+                "trainer.max_steps=3",
+                "trainer.accelerator=cpu",
+                "trainer.enable_progress_bar=false",
+                "~callbacks.progress_bar",
+                "logger=none",
+                f"paths.output_dir={tmp_path / 'run'}",
+                *overrides,
+            ],
+        )
+
+
+def build(cfg: DictConfig):
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup("fit")
+    model = hydra.utils.instantiate(cfg.model)
+    return dm, model
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_trains_and_writes_outputs(name: str, brats_root: Path, tmp_path: Path) -> None:
+    cfg = config(tmp_path, brats_root, f"model={name}")
+    train(cfg)
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    metrics = json.loads((run / "metrics.json").read_text())
+    expected = {"dice"} if name == "segmentor" else {"identity"}
+    assert expected <= set(metrics)
+    assert (run / "test_samples.png").exists() and (run / "datalist.json").exists()
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 3  # one global step per batch, whatever the number of optimizers
+    assert ckpt["phs_config"]["model"]["_target_"].startswith("phs.methods.")
+
+
+EXPECTED_GROUPS = {
+    "proposed_paired": [{"G", "S", "R"}, {"D_x"}],
+    "proposed_unpaired": [{"G", "S", "R"}, {"D_x"}, {"D_m"}],
+    "cgan": [{"G"}, {"D_x"}],
+    "cyclegan": [{"G", "F"}, {"D_h", "D_p"}],
+    "segmentor": [{"S"}],
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_optimizers_own_exactly_their_networks(name: str, brats_root: Path, tmp_path: Path) -> None:
+    cfg = config(tmp_path, brats_root, f"model={name}")
+    dm, model = build(cfg)
+    owner = {id(p): net for net, m in model.named_children() for p in m.parameters()}
+    opts = model.configure_optimizers()
+    groups = [{owner[id(p)] for g in opt.param_groups for p in g["params"]} for opt in opts]
+    assert groups == EXPECTED_GROUPS[name]
+    n_params = sum(len(g["params"]) for opt in opts for g in opt.param_groups)
+    assert n_params == len(list(model.parameters()))  # every parameter in exactly one optimizer
+
+    # one real training batch moves every network (each optimizer stepped its own)
+    import pytorch_lightning as pl
+
+    before = {n: [p.detach().clone() for p in m.parameters()] for n, m in model.named_children()}
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=dm)
+    for n, m in model.named_children():
+        if before[n]:
+            changed = any(
+                not torch.equal(a, b) for a, b in zip(before[n], m.parameters(), strict=True)
+            )
+            assert changed, f"{n} did not move"
+
+
+def test_hh_cycle_sees_an_all_zero_mask(brats_root: Path, tmp_path: Path) -> None:
+    dm, model = build(config(tmp_path, brats_root, "model=proposed_paired"))
+    seen = []
+    model.R.register_forward_hook(lambda mod, inp, out: seen.append(inp[0][:, 1].detach().clone()))
+    batch = next(iter(dm.train_dataloader()))
+    c = model.cycles(batch["x_p"], batch["x_h"])
+    assert len(seen) == 2  # R in cycle P-H, then R in cycle H-H
+    assert seen[1].abs().max() == 0  # H-H: the null mask
+    assert torch.equal(seen[0], c["m_ph"][:, 0].detach())  # P-H: S(x_p)
+    assert c["m_ph"].requires_grad
+
+
+def test_unpaired_real_masks_from_other_volumes(brats_root: Path, tmp_path: Path) -> None:
+    dm, model = build(config(tmp_path, brats_root, "model=proposed_unpaired"))
+    ds = dm.train_dataloader().dataset
+    vol = dm.stores["training"].case_idx[ds.p_idx]
+    for i in range(len(ds)):
+        assert vol[ds._other_volume_mask(i)] != vol[i]
+
+
+def test_overfit_paired_cycle_and_dice_fall(brats_root: Path, tmp_path: Path) -> None:
+    cfg = config(
+        tmp_path,
+        brats_root,
+        "model=proposed_paired",
+        "model.optimizer.lr=2e-3",
+        "data.augment.enabled=false",
+        "model.segmentor.dropout=0.0",
+    )
+    dm, model = build(cfg)
+    batch = next(iter(dm.train_dataloader()))  # a few slices, seen again and again
+    opts = model.configure_optimizers()
+    first = last = None
+    for step in range(150):
+        c = model.cycles(batch["x_p"], batch["x_h"])
+        g = model.generator_loss(batch, c)
+        opts[0].zero_grad()
+        g["loss"].backward()
+        opts[0].step()
+        d = model.discriminator_loss(batch, {k: v.detach() for k, v in c.items()})["d_x"]
+        opts[1].zero_grad()
+        d.backward()
+        opts[1].step()
+        if step == 0:
+            first = {k: float(v) for k, v in g.items()}
+    last = {k: float(v) for k, v in g.items()}
+    assert last["cc"] < first["cc"] / 4, (first["cc"], last["cc"])
+    assert last["seg"] < first["seg"] / 4, (first["seg"], last["seg"])
+
+
+def test_wgan_gp_critic_steps(brats_root: Path, tmp_path: Path) -> None:
+    cfg = config(
+        tmp_path,
+        brats_root,
+        "model=proposed_paired",
+        "model.adversarial=wgan_gp",
+        "model.n_critic_warmup=3",
+        "model.warmup_epochs=100",
+    )
+    dm, model = build(cfg)
+    import pytorch_lightning as pl
+
+    g_snapshots, d_snapshots = [], []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            g_snapshots.append(next(pl_module.G.parameters()).detach().clone())
+            d_snapshots.append(next(pl_module.D_x.parameters()).detach().clone())
+
+    trainer = pl.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        callbacks=[Watch()],
+    )
+    trainer.fit(model, datamodule=dm)
+    # batch 0 updates G; batches 1 and 2 only the critic; batch 3 G again
+    assert torch.equal(g_snapshots[0], g_snapshots[1]) and torch.equal(
+        g_snapshots[1], g_snapshots[2]
+    )
+    assert not torch.equal(g_snapshots[2], g_snapshots[3])
+    assert all(not torch.equal(a, b) for a, b in zip(d_snapshots, d_snapshots[1:], strict=False))
+    assert trainer.global_step == 4
+
+
+def test_unknown_model_and_missing_root_are_one_line_errors(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "-m", "phs.train", "model=unet3000", f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode != 0 and "unet3000" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "phs.train",
+            "data=brats",
+            f"data.root={tmp_path / 'nope'}",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
