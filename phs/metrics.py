@@ -74,15 +74,19 @@ def dice(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> to
 
 
 def ground_truth_metrics(
-    x_ph: torch.Tensor, x_gt: torch.Tensor, m_p: torch.Tensor
+    x_ph: torch.Tensor, x_gt: torch.Tensor, m_p: torch.Tensor, x_p: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """PSNR and MAE against the true healthy image, inside and outside the lesion, per slice."""
+    """PSNR and MAE against the true healthy image, inside and outside the lesion (brain only),
+    per slice. With ``x_p``, also the untouched input's PSNR in the lesion (the do-nothing mark)."""
     lesion = m_p > 0.5
     brain = (x_gt > 0) | lesion
     outside = brain & ~lesion
-    return {
+    out = {
         "psnr_lesion": masked_psnr(x_ph, x_gt, lesion),
         "psnr_outside": masked_psnr(x_ph, x_gt, outside),
         "mae_lesion": masked_mae(x_ph, x_gt, lesion),
         "mae_outside": masked_mae(x_ph, x_gt, outside),
     }
+    if x_p is not None:
+        out["psnr_lesion_input"] = masked_psnr(x_p, x_gt, lesion)
+    return out

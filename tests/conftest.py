@@ -48,9 +48,13 @@ def save(path: Path, arr: np.ndarray, affine: np.ndarray | None = None) -> Path:
 
 
 def write_case(
-    folder: Path, image_name: str, label_name: str, seed: int = 0, **kw
+    folder: Path, image_name: str, label_name: str, seed: int = 0, healthy: str | None = None, **kw
 ) -> tuple[Path, Path]:
+    """Image + mask (and, with ``healthy``, the lesion-free ground truth) of one tiny case."""
     img, mask = brain_volume(seed=seed, **kw)
+    if healthy:
+        truth = brain_volume(seed=seed, **{**kw, "lesion_center": None})[0]
+        save(folder / healthy, truth.astype(np.int16))
     return save(folder / image_name, img.astype(np.int16)), save(folder / label_name, mask)
 
 
@@ -66,6 +70,7 @@ def brats_root(tmp_path: Path) -> Path:
             f"{case}_flair.nii.gz",
             f"{case}_seg.nii.gz",
             seed=i,
+            healthy=f"{case}_flair_healthy.nii.gz",
             lesion_center=(20 + i, 18 + 2 * i, 15),
         )
     return root

@@ -70,3 +70,36 @@ def test_bad_case_named_then_skipped(brats_root: Path, tmp_path: Path) -> None:
 
 def test_repo_root_is_importable_package() -> None:
     assert (REPO / "phs" / "__init__.py").exists()
+
+
+def test_phantom_then_inspect_reads_it_with_the_real_loader(tmp_path: Path) -> None:
+    """Acceptance: the phantom CLI writes the BraTS layout that `data=brats` reads, 208 x 160."""
+    p = subprocess.run(
+        [sys.executable, "-m", "phs.phantom", "out=ph", "n_volumes=2", "kind=brats", "seed=0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "summary.json"
+    p = run(
+        ["phs.inspect", "data=brats", "data.root=ph", f"out={out}", "data.progress=false"], tmp_path
+    )
+    assert p.returncode == 0, p.stderr
+    s = json.loads(out.read_text())
+    assert s["n_cases"] == 2 and s["slice_shape"] == [208, 160]
+    assert s["intensity_min"] >= 0 and s["intensity_max"] <= 1
+    assert s["n_slices_healthy"] > 0 and s["n_slices_pathological"] > 0
+    assert all(v["has_ground_truth"] for v in s["splits"].values() if v["n_cases"])
+
+
+def test_phantom_bad_arguments_exit_2(tmp_path: Path) -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "phs.phantom", "out=ph", "kind=camelyon"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "camelyon" in p.stderr

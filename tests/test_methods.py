@@ -61,7 +61,7 @@ def test_every_model_trains_and_writes_outputs(name: str, brats_root: Path, tmp_
     run = tmp_path / "run"
     assert (run / "checkpoints" / "last.ckpt").exists()
     metrics = json.loads((run / "metrics.json").read_text())
-    expected = {"dice"} if name == "segmentor" else {"identity"}
+    expected = {"dice"} if name == "segmentor" else {"identity", "psnr_lesion", "psnr_lesion_input"}
     assert expected <= set(metrics)
     assert (run / "test_samples.png").exists() and (run / "datalist.json").exists()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
@@ -73,7 +73,7 @@ EXPECTED_GROUPS = {
     "proposed_paired": [{"G", "S", "R"}, {"D_x"}],
     "proposed_unpaired": [{"G", "S", "R"}, {"D_x"}, {"D_m"}],
     "cgan": [{"G"}, {"D_x"}],
-    "cyclegan": [{"G", "F"}, {"D_h", "D_p"}],
+    "cyclegan": [{"G", "F"}, {"D_h"}, {"D_p"}],
     "segmentor": [{"S"}],
 }
 
@@ -115,7 +115,7 @@ def test_hh_cycle_sees_an_all_zero_mask(brats_root: Path, tmp_path: Path) -> Non
     seen = []
     model.R.register_forward_hook(lambda mod, inp, out: seen.append(inp[0][:, 1].detach().clone()))
     batch = next(iter(dm.train_dataloader()))
-    c = model.cycles(batch["x_p"], batch["x_h"])
+    c = model.fakes(batch)
     assert len(seen) == 2  # R in cycle P-H, then R in cycle H-H
     assert seen[1].abs().max() == 0  # H-H: the null mask
     assert torch.equal(seen[0], c["m_ph"][:, 0].detach())  # P-H: S(x_p)
@@ -144,7 +144,7 @@ def test_overfit_paired_cycle_and_dice_fall(brats_root: Path, tmp_path: Path) ->
     opts = model.configure_optimizers()
     first = last = None
     for step in range(150):
-        c = model.cycles(batch["x_p"], batch["x_h"])
+        c = model.fakes(batch)
         g = model.generator_loss(batch, c)
         opts[0].zero_grad()
         g["loss"].backward()
@@ -223,3 +223,31 @@ def test_unknown_model_and_missing_root_are_one_line_errors(tmp_path: Path) -> N
         timeout=120,
     )
     assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fast_dev_run(name: str, brats_root: Path, tmp_path: Path) -> None:
+    train(config(tmp_path, brats_root, f"model={name}", "trainer.fast_dev_run=true"))
+    assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_resume_from_last_checkpoint(brats_root: Path, tmp_path: Path) -> None:
+    train(
+        config(tmp_path, brats_root, "model=proposed_unpaired", "trainer.max_steps=2", "test=false")
+    )
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    first = torch.load(last, weights_only=False)
+    assert first["global_step"] == 2
+    train(
+        config(
+            tmp_path,
+            brats_root,
+            "model=proposed_unpaired",
+            "trainer.max_steps=5",
+            "test=false",
+            f"ckpt_path={last}",
+        )
+    )
+    resumed = torch.load(last, weights_only=False)
+    assert resumed["global_step"] == 5 and resumed["phs_batches_seen"] == 5
+    assert len(resumed["optimizer_states"]) == 3

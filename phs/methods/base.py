@@ -17,11 +17,17 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
 class PHSMethod(pl.LightningModule):
-    """Base of all methods. Subclasses set ``loss_names`` and ``visual_names``, build their
-    networks, and implement :meth:`synthesize` and :meth:`training_step`.
+    """Base of all methods. A subclass sets ``loss_names`` and ``visual_names``, builds its
+    networks and writes its paper's equations in four methods:
 
-    ``synthesize(x_p)`` returns a dict with any of ``pseudo_healthy``, ``mask`` (pathology
-    probability) and ``reconstruction``; evaluation, the image grids and inference use only that.
+    - ``fakes(batch)``: the generators' forward pass (everything the losses need);
+    - ``generator_loss(batch, fakes)``: the generator-side terms, their weighted sum as ``loss``;
+    - ``discriminator_loss(batch, fakes)``: one loss per discriminator optimizer, in order
+      (``fakes`` arrive detached);
+    - ``synthesize(x_p)``: inference, a dict with any of ``pseudo_healthy``, ``mask`` (pathology
+      probability) and ``reconstruction``; evaluation, image grids and inference use only that.
+
+    The optimisation schedule (generator update, then each discriminator) lives here, once.
     """
 
     loss_names: tuple[str, ...] = ()
@@ -43,23 +49,70 @@ class PHSMethod(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.optimizer_d_factory = optimizer_d or optimizer
         self.test_rows: list[dict[str, Any]] = []
-        self.phs_config: dict[str, Any] | None = (
-            None  # the run's resolved config, saved in checkpoints
-        )
+        # the run's resolved config, saved in checkpoints
+        self.phs_config: dict[str, Any] | None = None
+        self.batches_seen = 0  # drives critic schedules; restored on resume
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["phs_batches_seen"] = self.batches_seen
         if self.phs_config is not None:
             checkpoint["phs_config"] = self.phs_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.batches_seen = checkpoint.get("phs_batches_seen", 0)
 
     # -- to implement --------------------------------------------------------------------------
     def synthesize(self, x_p: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def fakes(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def generator_loss(
+        self, batch: dict[str, Any], fakes: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def discriminator_loss(
+        self, batch: dict[str, Any], fakes: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        return {}
+
+    def generator_steps_now(self) -> bool:
+        """Whether this batch updates the generators (always, unless a critic schedule says no)."""
+        return True
 
     def optimizer_groups(self) -> list[tuple[str, Iterable[nn.Parameter], bool]]:
         """``(name, parameters, is_discriminator)`` for each optimizer, in step order."""
         raise NotImplementedError
 
     # -- optimisation ---------------------------------------------------------------------------
+    prog_bar_losses: tuple[str, ...] = ("loss",)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Generator update (if scheduled), then one update per discriminator."""
+        opt_g, *opt_ds = self.optimizers() if self.n_optimizers > 1 else [self.optimizers()]
+        update_g = self.generator_steps_now()
+        self.batches_seen += 1
+        if update_g:
+            fakes = self.fakes(batch)
+            g = self.generator_loss(batch, fakes)
+            self.optimize(opt_g, g["loss"])
+        else:
+            with torch.no_grad():
+                fakes = self.fakes(batch)
+            g = {}
+        d = self.discriminator_loss(batch, {k: v.detach() for k, v in fakes.items()})
+        counted = not update_g  # one global step per batch: only the batch's first update counts
+        for opt, loss in zip(opt_ds, d.values(), strict=True):
+            self.optimize(opt, loss, counted=counted)
+            counted = False
+        self.log_losses({**g, **d}, prog_bar=self.prog_bar_losses)
+
+    @property
+    def n_optimizers(self) -> int:
+        return len(self.optimizer_groups())
+
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [
             (self.optimizer_d_factory if is_d else self.optimizer_factory)(params=list(params))
@@ -116,7 +169,7 @@ class PHSMethod(pl.LightningModule):
             x_ph = out["pseudo_healthy"].float()
             result["identity"] = metrics.identity(x_ph, x_p, m_p)
             if "x_gt" in batch:
-                result.update(metrics.ground_truth_metrics(x_ph, batch["x_gt"], m_p))
+                result.update(metrics.ground_truth_metrics(x_ph, batch["x_gt"], m_p, x_p))
         if "mask" in out:
             result["dice"] = metrics.dice(out["mask"].float(), m_p)
         return result

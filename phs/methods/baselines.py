@@ -18,6 +18,7 @@ class ConditionalGAN(PHSMethod):
     ``lambda_l1`` (default 0, as the paper describes it) optionally adds ``||G(x_p) - x_p||_1``."""
 
     loss_names = ("loss", "gan", "l1", "d_x")
+    prog_bar_losses = ("loss", "d_x")
     visual_names = ("x_p", "pseudo_healthy", "residual", "x_gt")
 
     def __init__(
@@ -37,16 +38,19 @@ class ConditionalGAN(PHSMethod):
     def synthesize(self, x_p: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"pseudo_healthy": self.G(x_p)}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        opt_g, opt_d = self.optimizers()
-        x_p, x_h = batch["x_p"], batch["x_h"]
-        x_ph = self.G(x_p)
-        gan, rec = self.adv.generator(self.D_x(x_ph)), l1(x_ph, x_p)
-        loss = gan + self.lambda_l1 * rec
-        self.optimize(opt_g, loss)
-        d_x = self.adv.discriminator(self.D_x, x_h, x_ph.detach())
-        self.optimize(opt_d, d_x, counted=False)
-        self.log_losses({"loss": loss, "gan": gan, "l1": rec, "d_x": d_x}, prog_bar=("loss", "d_x"))
+    def fakes(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"x_ph": self.G(batch["x_p"])}
+
+    def generator_loss(
+        self, batch: dict[str, Any], f: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        gan, rec = self.adv.generator(self.D_x(f["x_ph"])), l1(f["x_ph"], batch["x_p"])
+        return {"loss": gan + self.lambda_l1 * rec, "gan": gan, "l1": rec}
+
+    def discriminator_loss(
+        self, batch: dict[str, Any], f: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        return {"d_x": self.adv.discriminator(self.D_x, batch["x_h"], f["x_ph"])}
 
     def optimizer_groups(self):
         return [("generator", self.G.parameters(), False), ("d_x", self.D_x.parameters(), True)]
@@ -82,6 +86,7 @@ class CycleGAN(PHSMethod):
     loss (``lambda_identity`` x ``lambda_cycle``, 0.5 as in Zhu et al.'s code), image pools."""
 
     loss_names = ("loss", "gan_h", "gan_p", "cycle", "identity", "d_h", "d_p")
+    prog_bar_losses = ("loss", "cycle")
     visual_names = ("x_p", "pseudo_healthy", "reconstruction", "residual", "x_gt")
 
     def __init__(
@@ -107,10 +112,13 @@ class CycleGAN(PHSMethod):
         x_ph = self.G(x_p)
         return {"pseudo_healthy": x_ph, "reconstruction": self.F(x_ph)}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        opt_g, opt_d = self.optimizers()
-        x_p, x_h = batch["x_p"], batch["x_h"]
-        fake_h, fake_p = self.G(x_p), self.F(x_h)
+    def fakes(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"fake_h": self.G(batch["x_p"]), "fake_p": self.F(batch["x_h"])}
+
+    def generator_loss(
+        self, batch: dict[str, Any], f: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        x_p, x_h, fake_h, fake_p = batch["x_p"], batch["x_h"], f["fake_h"], f["fake_p"]
         gan_h, gan_p = self.adv.generator(self.D_h(fake_h)), self.adv.generator(self.D_p(fake_p))
         cycle = l1(self.F(fake_h), x_p) + l1(self.G(fake_p), x_h)
         identity = (
@@ -119,27 +127,20 @@ class CycleGAN(PHSMethod):
             else x_p.new_zeros(())
         )
         loss = gan_h + gan_p + self.lambda_cycle * (cycle + self.lambda_identity * identity)
-        self.optimize(opt_g, loss)
-        d_h = self.adv.discriminator(self.D_h, x_h, self.pool_h.query(fake_h))
-        d_p = self.adv.discriminator(self.D_p, x_p, self.pool_p.query(fake_p))
-        self.optimize(opt_d, d_h + d_p, counted=False)
-        self.log_losses(
-            {
-                "loss": loss,
-                "gan_h": gan_h,
-                "gan_p": gan_p,
-                "cycle": cycle,
-                "identity": identity,
-                "d_h": d_h,
-                "d_p": d_p,
-            },
-            prog_bar=("loss", "cycle"),
-        )
+        return {"loss": loss, "gan_h": gan_h, "gan_p": gan_p, "cycle": cycle, "identity": identity}
+
+    def discriminator_loss(
+        self, batch: dict[str, Any], f: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        d_h = self.adv.discriminator(self.D_h, batch["x_h"], self.pool_h.query(f["fake_h"]))
+        d_p = self.adv.discriminator(self.D_p, batch["x_p"], self.pool_p.query(f["fake_p"]))
+        return {"d_h": d_h, "d_p": d_p}
 
     def optimizer_groups(self):
         return [
             ("generators", [*self.G.parameters(), *self.F.parameters()], False),
-            ("discriminators", [*self.D_h.parameters(), *self.D_p.parameters()], True),
+            ("d_h", self.D_h.parameters(), True),
+            ("d_p", self.D_p.parameters(), True),
         ]
 
 
@@ -162,13 +163,19 @@ class PathologySegmentor(PHSMethod):
     def synthesize(self, x_p: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"mask": self.S(x_p)}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        x, m = batch["x_p"], batch["m_p"]
+    def fakes(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        x = batch["x_p"]
         if self.include_healthy:
-            x, m = torch.cat([x, batch["x_h"]]), torch.cat([m, torch.zeros_like(m)])
-        loss = self.dice(self.S(x), m)
-        self.optimize(self.optimizers(), loss)
-        self.log_losses({"loss": loss}, prog_bar=("loss",))
+            x = torch.cat([x, batch["x_h"]])
+        return {"m": self.S(x)}
+
+    def generator_loss(
+        self, batch: dict[str, Any], f: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        m = batch["m_p"]
+        if self.include_healthy:
+            m = torch.cat([m, torch.zeros_like(batch["m_p"])])
+        return {"loss": self.dice(f["m"], m)}
 
     def optimizer_groups(self):
         return [("segmentor", self.S.parameters(), False)]

@@ -24,6 +24,7 @@ class ProposedPaired(PHSMethod):
     """The paired setting: S is supervised with a differentiable Dice (L_Seg)."""
 
     loss_names = ("loss", "cc", "cc_ph", "cc_hh_image", "cc_hh_mask", "gan1", "seg", "d_x")
+    prog_bar_losses = ("loss", "cc", "seg", "gan2", "d_x")
     monitor = ("val/dice", "max")
 
     def __init__(
@@ -56,7 +57,6 @@ class ProposedPaired(PHSMethod):
             warmup_epochs,
         )
         self.dice = dice_loss()
-        self._batches = 0
 
     # -- inference --------------------------------------------------------------------------------
     def synthesize(self, x_p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -68,8 +68,9 @@ class ProposedPaired(PHSMethod):
         }
 
     # -- the losses -------------------------------------------------------------------------------
-    def cycles(self, x_p: torch.Tensor, x_h: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Both cycles' outputs."""
+    def fakes(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Both cycles."""
+        x_p, x_h = batch["x_p"], batch["x_h"]
         m_h = torch.zeros_like(x_h)  # the null 'healthy' mask
         x_ph, m_ph = self.G(x_p), self.S(x_p)  # cycle P-H
         x_rec = self.R(torch.cat([x_ph, m_ph], 1))
@@ -119,33 +120,12 @@ class ProposedPaired(PHSMethod):
             + self.adv.discriminator(self.D_x, x_h, c["x_hh"])
         }
 
-    # -- one batch --------------------------------------------------------------------------------
     def generator_steps_now(self) -> bool:
         """lsgan: every batch. wgan_gp: every n_critic-th batch (n_critic_warmup in early epochs)."""
         if self.adv.mode == "lsgan":
             return True
         n = self.n_critic_warmup if self.current_epoch < self.warmup_epochs else self.n_critic
-        return self._batches % n == 0
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        opt_g, *opt_ds = self.optimizers()
-        update_g = self.generator_steps_now()
-        self._batches += 1
-        if update_g:
-            c = self.cycles(batch["x_p"], batch["x_h"])
-            g = self.generator_loss(batch, c)
-            self.optimize(opt_g, g["loss"])
-        else:
-            with torch.no_grad():
-                c = self.cycles(batch["x_p"], batch["x_h"])
-            g = {}
-        fakes = {k: v.detach() for k, v in c.items()}
-        d = self.discriminator_loss(batch, fakes)
-        counted = not update_g  # one global step per batch: only the batch's first update counts
-        for opt, name in zip(opt_ds, d, strict=True):
-            self.optimize(opt, d[name], counted=counted)
-            counted = False
-        self.log_losses({**g, **d}, prog_bar=("loss", "cc", "seg", "gan2", "d_x"))
+        return self.batches_seen % n == 0
 
     def optimizer_groups(self):
         return [
@@ -156,13 +136,6 @@ class ProposedPaired(PHSMethod):
             ),
             ("d_x", self.D_x.parameters(), True),
         ]
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["phs_batches"] = self._batches
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._batches = checkpoint.get("phs_batches", 0)
 
 
 class ProposedUnpaired(ProposedPaired):
