@@ -110,10 +110,10 @@ def bare_steps(
     opts = opts if isinstance(opts, list) else [opts]
     params = [[p for g in o.param_groups for p in g["params"]] for o in opts]
 
-    def only(i: int) -> None:  # what toggle_optimizer does
+    def only(i: int | None) -> None:  # what toggle_optimizer (i) and untoggle (None) do
         for j, ps in enumerate(params):
             for p in ps:
-                p.requires_grad_(j == i)
+                p.requires_grad_(i is None or j == i)
 
     autocast = (
         (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
@@ -132,6 +132,7 @@ def bare_steps(
         opts[0].zero_grad(set_to_none=True)
         loss.backward()
         opts[0].step()
+        only(None)
         with autocast():
             d = model.discriminator_loss(batch, {k: v.detach() for k, v in fakes.items()})
         for i, dl in enumerate(d.values(), start=1):
@@ -139,9 +140,9 @@ def bare_steps(
             opts[i].zero_grad(set_to_none=True)
             dl.backward()
             opts[i].step()
+        only(None)
         model.batches_seen += 1
         times.append(time.perf_counter() - t)
-    only(-1)
     return times
 
 

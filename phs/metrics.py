@@ -11,6 +11,7 @@ the standard scale weights (Wang et al. 2003) truncated and renormalised to sum 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as _ms_ssim
@@ -90,3 +91,65 @@ def ground_truth_metrics(
     if x_p is not None:
         out["psnr_lesion_input"] = masked_psnr(x_p, x_gt, lesion)
     return out
+
+
+def healthiness(pred_masks: torch.Tensor, true_masks: torch.Tensor) -> float:
+    """The paper's 'healthiness': ``1 - E[N(f_pre(G(x_p)))] / E[N(m_p)]``, N = pathology pixels.
+
+    ``pred_masks`` are f_pre's binary masks of the pseudo-healthy images, ``true_masks`` the
+    ground-truth masks of the same test slices (any leading shape, one entry per slice)."""
+    n_pred = (pred_masks > 0.5).flatten(1).sum(1).double()
+    n_true = (true_masks > 0.5).flatten(1).sum(1).double()
+    return float(1.0 - n_pred.mean() / n_true.mean())
+
+
+def healthiness_per_slice(n_pred: torch.Tensor, mean_true: float) -> torch.Tensor:
+    """Per-slice terms ``1 - N(f_pre(G(x_p)))_i / E[N(m_p)]``: their mean is exactly
+    :func:`healthiness`, their spread is what phs reports as its std."""
+    return 1.0 - n_pred.double() / mean_true
+
+
+class AnomalyDetection:
+    """Pixel-level anomaly detection from a score map (the residual |x_p - G(x_p)| or S(x_p))
+    against the true mask, pooled over all brain pixels of all slices: area under the
+    precision-recall curve and Dice at the best threshold, on a fixed grid of thresholds
+    (torchmetrics' binned curves, constant memory)."""
+
+    def __init__(self, thresholds: int = 201) -> None:
+        from torchmetrics.classification import BinaryPrecisionRecallCurve
+
+        self.curve = BinaryPrecisionRecallCurve(thresholds=thresholds)
+        self.n = 0
+
+    def update(
+        self, score: torch.Tensor, target: torch.Tensor, region: torch.Tensor | None = None
+    ) -> None:
+        keep = torch.ones_like(target, dtype=torch.bool) if region is None else region.bool()
+        s, t = score.float()[keep].clamp(0, 1), (target[keep] > 0.5).long()
+        self.curve.update(s, t)
+        self.n += int(keep.sum())
+
+    def compute(self) -> dict[str, float]:
+        precision, recall, thresholds = self.curve.compute()
+        precision = torch.nan_to_num(precision, nan=1.0)  # nothing predicted: precision 1
+        # average precision as torchmetrics computes it: sum over thresholds of dR * P
+        auprc = float(-torch.sum((recall[1:] - recall[:-1]) * precision[:-1]))
+        f1 = 2 * precision[:-1] * recall[:-1] / (precision[:-1] + recall[:-1]).clamp_min(1e-12)
+        best = int(torch.argmax(f1))
+        return {
+            "auprc": auprc,
+            "best_dice": float(f1[best]),
+            "best_threshold": float(thresholds[best]),
+        }
+
+
+def wilcoxon_signed_rank(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p-value of the paired Wilcoxon signed-rank test (scipy); 1.0 if all equal."""
+    from scipy.stats import wilcoxon
+
+    a_t, b_t = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    if len(a_t) != len(b_t):
+        raise ValueError("paired samples must have the same length")
+    if torch.all(a_t == b_t):
+        return 1.0
+    return float(wilcoxon(a_t.numpy(), b_t.numpy(), alternative="two-sided").pvalue)

@@ -160,19 +160,39 @@ class PHSMethod(pl.LightningModule):
         return {k: everything[k] for k in self.visual_names if k in everything}
 
     @torch.no_grad()
-    def slice_metrics(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Per-slice metrics ``[B]`` of one evaluation batch."""
+    def slice_metrics(self, batch: dict[str, Any], test: bool = False) -> dict[str, torch.Tensor]:
+        """Per-slice metrics ``[B]`` of one evaluation batch; ``test`` adds f_pre's counts (for
+        healthiness) and feeds the pooled anomaly-detection curves."""
         x_p, m_p = batch["x_p"], batch["m_p"]
         out = self.synthesize(x_p)
         result: dict[str, torch.Tensor] = {}
+        brain = (x_p > 0) | (m_p > 0.5)
         if "pseudo_healthy" in out:
             x_ph = out["pseudo_healthy"].float()
             result["identity"] = metrics.identity(x_ph, x_p, m_p)
             if "x_gt" in batch:
                 result.update(metrics.ground_truth_metrics(x_ph, batch["x_gt"], m_p, x_p))
+            if test:
+                self.anomaly["anomaly_residual"].update((x_p - x_ph).abs(), m_p, brain)
+                if self.f_pre is not None:
+                    result["n_pred"] = (self.f_pre(x_ph) > 0.5).flatten(1).sum(1).float()
         if "mask" in out:
             result["dice"] = metrics.dice(out["mask"].float(), m_p)
+            if test:
+                self.anomaly["anomaly_mask"].update(out["mask"], m_p, brain)
+        if test and self.f_pre is not None:
+            result["f_pre_dice"] = metrics.dice(self.f_pre(x_p), m_p)
+            result["n_true"] = (m_p > 0.5).flatten(1).sum(1).float()
         return result
+
+    # -- f_pre, the evaluation segmentor (never trained or saved with the method) ----------------
+    @property
+    def f_pre(self) -> nn.Module | None:
+        return self._f_pre[0] if getattr(self, "_f_pre", None) else None
+
+    def attach_f_pre(self, net: nn.Module | None) -> None:
+        """Use ``net`` (a trained segmentor) to measure healthiness in the test stage."""
+        self._f_pre = [net.eval()] if net is not None else []  # a list: not a registered submodule
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         for name, values in self.slice_metrics(batch).items():
@@ -187,24 +207,42 @@ class PHSMethod(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.test_rows = []
+        self.anomaly = {
+            "anomaly_residual": metrics.AnomalyDetection(),
+            "anomaly_mask": metrics.AnomalyDetection(),
+        }
+        if self.f_pre is not None:
+            self.f_pre.to(self.device)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        per_slice = self.slice_metrics(batch)
+        per_slice = self.slice_metrics(batch, test=True)
         for i in range(len(batch["x_p"])):
             row = {"case": batch["case"][i], "slice": int(batch["slice"][i])}
             row.update({k: float(v[i]) for k, v in per_slice.items()})
             self.test_rows.append(row)
         for name, values in per_slice.items():
             values = values[~torch.isnan(values)]
-            if len(values):
+            if len(values) and not name.startswith("n_"):
                 self.log(f"test/{name}", values.mean(), batch_size=len(values))
 
-    def test_summary(self) -> dict[str, dict[str, float]]:
-        """``{metric: {mean, std, n}}`` over test slices (NaN entries, e.g. no lesion, skipped)."""
+    def on_test_epoch_end(self) -> None:
+        if self.test_rows and "n_pred" in self.test_rows[0]:
+            mean_true = sum(r["n_true"] for r in self.test_rows) / len(self.test_rows)
+            for r in self.test_rows:  # per-slice terms whose mean is the paper's healthiness
+                r["healthiness"] = float(
+                    metrics.healthiness_per_slice(torch.tensor(r["n_pred"]), mean_true)
+                )
+
+    def test_summary(self) -> dict[str, dict[str, float | None]]:
+        """``{metric: {mean, std, n}}``: per-slice metrics over test slices (NaN entries, e.g. a
+        slice with no lesion, skipped); pooled anomaly-detection metrics with ``std`` None and
+        ``n`` the number of pixels."""
         names = [
-            k for k in (self.test_rows[0] if self.test_rows else {}) if k not in ("case", "slice")
+            k
+            for k in (self.test_rows[0] if self.test_rows else {})
+            if k not in ("case", "slice", "n_pred", "n_true")
         ]
-        summary = {}
+        summary: dict[str, dict[str, float | None]] = {}
         for name in names:
             vals = torch.tensor(
                 [r[name] for r in self.test_rows if not math.isnan(r[name])], dtype=torch.float64
@@ -214,4 +252,8 @@ class PHSMethod(pl.LightningModule):
                 "std": float(vals.std(unbiased=False)) if len(vals) else math.nan,
                 "n": len(vals),
             }
+        for name, acc in getattr(self, "anomaly", {}).items():
+            if acc.n:
+                for key, value in acc.compute().items():
+                    summary[f"{name}_{key}"] = {"mean": value, "std": None, "n": acc.n}
         return summary

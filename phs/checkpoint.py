@@ -1,0 +1,42 @@
+"""Load a phs checkpoint safely: weights only (no unpickling of arbitrary objects), the model
+rebuilt from the resolved config the checkpoint carries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import OmegaConf
+
+from phs.errors import PhsError
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict, read with ``weights_only=True``; a one-line error when it is not a
+    readable phs checkpoint."""
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise PhsError(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, pickle with code, not a torch file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PhsError(f"cannot read checkpoint '{path}' safely (weights only): {first}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "phs_config" not in ckpt:
+        raise PhsError(f"'{path}' is not a phs checkpoint (no state_dict/phs_config)")
+    return ckpt
+
+
+def load_method(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """``(model in eval mode, resolved run config)`` from a checkpoint written by ``phs.train``."""
+    ckpt = read_checkpoint(path)
+    cfg = ckpt["phs_config"]
+    try:
+        model = hydra.utils.instantiate(OmegaConf.create(cfg["model"]))
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0]
+        raise PhsError(f"checkpoint '{path}' does not match its model config: {first}") from None
+    return model.eval(), cfg
