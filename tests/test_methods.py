@@ -251,3 +251,26 @@ def test_resume_from_last_checkpoint(brats_root: Path, tmp_path: Path) -> None:
     resumed = torch.load(last, weights_only=False)
     assert resumed["global_step"] == 5 and resumed["phs_batches_seen"] == 5
     assert len(resumed["optimizer_states"]) == 3
+
+
+def test_non_finite_loss_stops_before_touching_the_weights(
+    brats_root: Path, tmp_path: Path
+) -> None:
+    import pytorch_lightning as pl
+
+    dm, model = build(
+        config(tmp_path, brats_root, "model=proposed_paired", "data.augment.enabled=false")
+    )
+    dm.stores["training"].image[:] = float("nan")  # a corrupt input reaches the first batch
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
+    with pytest.raises(FloatingPointError, match=r"loss '.+' is nan at step 0"):
+        trainer.fit(model, datamodule=dm)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -97,12 +97,14 @@ class PHSMethod(pl.LightningModule):
         if update_g:
             fakes = self.fakes(batch)
             g = self.generator_loss(batch, fakes)
+            self.check_finite(g)
             self.optimize(opt_g, g["loss"])
         else:
             with torch.no_grad():
                 fakes = self.fakes(batch)
             g = {}
         d = self.discriminator_loss(batch, {k: v.detach() for k, v in fakes.items()})
+        self.check_finite(d)
         counted = not update_g  # one global step per batch: only the batch's first update counts
         for opt, loss in zip(opt_ds, d.values(), strict=True):
             self.optimize(opt, loss, counted=counted)
@@ -138,13 +140,19 @@ class PHSMethod(pl.LightningModule):
                 opt._on_before_step, opt._on_after_step = before, after
         self.untoggle_optimizer(opt)
 
+    def check_finite(self, losses: dict[str, torch.Tensor]) -> None:
+        """Stop before a non-finite loss reaches the weights, naming the term and the step."""
+        if losses and not bool(
+            torch.isfinite(torch.stack([v.detach().float() for v in losses.values()])).all()
+        ):
+            bad = next(k for k, v in losses.items() if not torch.isfinite(v))
+            raise FloatingPointError(
+                f"loss '{bad}' is {losses[bad].item()} at step {self.global_step}"
+            )
+
     def log_losses(self, losses: dict[str, torch.Tensor], prog_bar: Iterable[str] = ()) -> None:
         bar = set(prog_bar)
         for name, value in losses.items():
-            if not torch.isfinite(value):
-                raise FloatingPointError(
-                    f"loss '{name}' is {value.item()} at step {self.global_step}"
-                )
             self.log(
                 f"train/{name}", value.detach(), prog_bar=name in bar, on_step=True, on_epoch=False
             )
