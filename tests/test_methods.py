@@ -274,3 +274,15 @@ def test_non_finite_loss_stops_before_touching_the_weights(
     with pytest.raises(FloatingPointError, match=r"loss '.+' is nan at step 0"):
         trainer.fit(model, datamodule=dm)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_unknown_loss_weight_is_an_error(brats_root: Path, tmp_path: Path) -> None:
+    from phs.errors import PhsError
+
+    cfg = config(tmp_path, brats_root, "model=proposed_paired", "+model.loss.lambda_ccc=3")
+    with pytest.raises(Exception) as info:
+        hydra.utils.instantiate(cfg.model)
+    cause = info.value
+    while cause is not None and not isinstance(cause, PhsError):
+        cause = cause.__cause__
+    assert cause is not None and "lambda_ccc" in str(cause)

@@ -12,8 +12,19 @@ import torch
 from torch import nn
 
 from phs import metrics
+from phs.errors import PhsError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+def loss_weights(given: dict[str, float] | None, defaults: dict[str, float]) -> dict[str, float]:
+    """The defaults updated with ``given``; an unknown key (a typo in a sweep) is an error."""
+    unknown = set(given or {}) - set(defaults)
+    if unknown:
+        raise PhsError(
+            f"unknown loss weight(s) {sorted(unknown)}; this model has {sorted(defaults)}"
+        )
+    return {**defaults, **{k: float(v) for k, v in (given or {}).items()}}
 
 
 class PHSMethod(pl.LightningModule):

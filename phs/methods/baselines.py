@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from phs.losses import Adversarial, dice_loss, l1
-from phs.methods.base import OptimizerFactory, PHSMethod
+from phs.methods.base import OptimizerFactory, PHSMethod, loss_weights
 
 
 class ConditionalGAN(PHSMethod):
@@ -32,7 +32,7 @@ class ConditionalGAN(PHSMethod):
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         self.G, self.D_x = generator, discriminator
-        self.lambda_l1 = {"lambda_l1": 0.0, **(loss or {})}["lambda_l1"]
+        self.lambda_l1 = loss_weights(loss, {"lambda_l1": 0.0})["lambda_l1"]
         self.adv = Adversarial(adversarial)
 
     def synthesize(self, x_p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -103,7 +103,7 @@ class CycleGAN(PHSMethod):
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         self.G, self.F, self.D_h, self.D_p = generator, generator_hp, discriminator, discriminator_p
-        lam = {"lambda_cycle": 10.0, "lambda_identity": 0.5, **(loss or {})}
+        lam = loss_weights(loss, {"lambda_cycle": 10.0, "lambda_identity": 0.5})
         self.lambda_cycle, self.lambda_identity = lam["lambda_cycle"], lam["lambda_identity"]
         self.adv = Adversarial(adversarial)
         self.pool_h, self.pool_p = ImagePool(pool_size), ImagePool(pool_size)

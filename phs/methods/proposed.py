@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from phs.losses import Adversarial, dice_loss, l1
-from phs.methods.base import OptimizerFactory, PHSMethod
+from phs.methods.base import OptimizerFactory, PHSMethod, loss_weights
 
 
 class ProposedPaired(PHSMethod):
@@ -44,7 +44,7 @@ class ProposedPaired(PHSMethod):
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         self.G, self.S, self.R, self.D_x = generator, segmentor, reconstructor, discriminator
-        lam = {"lambda_cc": 10.0, "lambda_gan": 1.0, "lambda_seg": 10.0, **(loss or {})}
+        lam = loss_weights(loss, {"lambda_cc": 10.0, "lambda_gan": 1.0, "lambda_seg": 10.0})
         self.lambda_cc, self.lambda_gan, self.lambda_seg = (
             lam["lambda_cc"],
             lam["lambda_gan"],
