@@ -77,14 +77,88 @@ class SampleGrid(pl.Callback):
         vis = pl_module.visuals(tensors)
         pl_module.train(was_training)
         vis["m_p"] = tensors["m_p"]
-        save_grid(
+        path = save_grid(
             vis,
             Path(trainer.default_root_dir) / f"{name}_samples.png",
             f"{name}, step {trainer.global_step}",
         )
+        log_image(trainer, f"{name}/samples", path)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer, pl_module, trainer.val_dataloaders, "val")
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer, pl_module, trainer.test_dataloaders, "test")
+
+
+def log_image(trainer: pl.Trainer, key: str, path: Path) -> None:
+    """Send a PNG to every logger that takes images (W&B, TensorBoard); rank 0 only."""
+    if not trainer.is_global_zero:
+        return
+    for lg in trainer.loggers:
+        if isinstance(lg, pl.loggers.WandbLogger):
+            lg.log_image(key, images=[str(path)], step=trainer.global_step)
+        elif isinstance(lg, pl.loggers.TensorBoardLogger):
+            import numpy as np
+            from PIL import Image
+
+            img = np.asarray(Image.open(path).convert("RGB"))
+            lg.experiment.add_image(key, img, trainer.global_step, dataformats="HWC")
+
+
+class TestTable(pl.Callback):
+    """A per-case table of test metrics with a thumbnail (input | pseudo-healthy | true mask of the
+    case's slice with the largest lesion) for loggers that take tables (W&B)."""
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, pl.loggers.WandbLogger)]
+        rows = getattr(pl_module, "test_rows", [])
+        if not wandb_loggers or not rows or not trainer.is_global_zero:
+            return
+        import wandb
+
+        loader = trainer.test_dataloaders
+        ds = (loader[0] if isinstance(loader, list | tuple) else loader).dataset
+        metrics = [k for k in rows[0] if k not in ("case", "slice") and not k.startswith("n_")]
+        by_case: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_case.setdefault(r["case"], []).append(i)
+        data = []
+        for case, idx in by_case.items():
+            j = max(idx, key=lambda k: float(ds[k]["m_p"].sum()))
+            item = default_collate([ds[j]])
+            with torch.no_grad():
+                out = pl_module.synthesize(item["x_p"].to(pl_module.device))
+            panels = [item["x_p"][0, 0], item["m_p"][0, 0]]
+            if "pseudo_healthy" in out:
+                panels.insert(1, out["pseudo_healthy"][0, 0].float().cpu())
+            thumb = wandb.Image(torch.cat(panels, dim=1).clamp(0, 1).numpy(), caption=case)
+            means = []
+            for m in metrics:
+                vals = [rows[k][m] for k in idx if rows[k][m] == rows[k][m]]  # skip NaN
+                means.append(sum(vals) / len(vals) if vals else None)
+            data.append([case, len(idx), thumb, *means])
+        for lg in wandb_loggers:
+            lg.log_table(
+                "test/per_case", columns=["case", "slices", "thumbnail", *metrics], data=data
+            )
+
+
+class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed into place: a kill during the write
+    leaves the previous ``last.ckpt`` intact."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        import os
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()

@@ -24,6 +24,7 @@ class Adversarial:
         self.mode, self.gp_weight = mode, gp_weight
         # raw scores against 0/1 targets, no activation (MONAI adds a LeakyReLU otherwise)
         self._ls = PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
+        self.scores: dict[str, torch.Tensor] = {}
 
     def generator(self, fake_scores: torch.Tensor) -> torch.Tensor:
         """The generator wants its fakes scored as real."""
@@ -31,15 +32,21 @@ class Adversarial:
             return 0.5 * self._ls(fake_scores, target_is_real=True, for_discriminator=False)
         return -fake_scores.mean()
 
-    def discriminator(self, d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        """Real scored 1 and fake 0 (lsgan), or the critic's ``E[D(fake)] - E[D(real)] + GP``."""
+    def discriminator(
+        self, d: nn.Module, real: torch.Tensor, fake: torch.Tensor, name: str = "d"
+    ) -> torch.Tensor:
+        """Real scored 1 and fake 0 (lsgan), or the critic's ``E[D(fake)] - E[D(real)] + GP``.
+        The mean scores are kept in ``scores[f"{name}_real"]`` / ``[f"{name}_fake"]`` for logging."""
         fake = fake.detach()
+        s_real, s_fake = d(real), d(fake)
+        self.scores[f"{name}_real"] = s_real.detach().mean()
+        self.scores[f"{name}_fake"] = s_fake.detach().mean()
         if self.mode == "lsgan":
             return 0.5 * (
-                self._ls(d(real), target_is_real=True, for_discriminator=True)
-                + self._ls(d(fake), target_is_real=False, for_discriminator=True)
+                self._ls(s_real, target_is_real=True, for_discriminator=True)
+                + self._ls(s_fake, target_is_real=False, for_discriminator=True)
             )
-        return d(fake).mean() - d(real).mean() + self.gp_weight * gradient_penalty(d, real, fake)
+        return s_fake.mean() - s_real.mean() + self.gp_weight * gradient_penalty(d, real, fake)
 
 
 def gradient_penalty(d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

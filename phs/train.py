@@ -63,9 +63,14 @@ def train(cfg: DictConfig) -> float | None:
         ):
             cb.monitor, cb.mode = model.monitor
     callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    if not loggers:  # nothing to send learning rates to
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False
+        cfg.trainer, callbacks=callbacks, logger=loggers or False
     )
+    for lg in trainer.loggers:  # the resolved config, on every logger (rank 0 only)
+        lg.log_hyperparams(model.phs_config)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     score = trainer.callback_metrics.get(model.monitor[0])
     if cfg.get("test"):

@@ -120,7 +120,10 @@ class PHSMethod(pl.LightningModule):
         for opt, loss in zip(opt_ds, d.values(), strict=True):
             self.optimize(opt, loss, counted=counted)
             counted = False
-        self.log_losses({**g, **d}, prog_bar=self.prog_bar_losses)
+        scores = getattr(getattr(self, "adv", None), "scores", {})  # mean D outputs, real and fake
+        self.log_losses(
+            {**g, **d, **{f"score/{k}": v for k, v in scores.items()}}, self.prog_bar_losses
+        )
 
     @property
     def n_optimizers(self) -> int:

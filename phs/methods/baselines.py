@@ -50,7 +50,7 @@ class ConditionalGAN(PHSMethod):
     def discriminator_loss(
         self, batch: dict[str, Any], f: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        return {"d_x": self.adv.discriminator(self.D_x, batch["x_h"], f["x_ph"])}
+        return {"d_x": self.adv.discriminator(self.D_x, batch["x_h"], f["x_ph"], "d_x")}
 
     def optimizer_groups(self):
         return [("generator", self.G.parameters(), False), ("d_x", self.D_x.parameters(), True)]
@@ -132,8 +132,8 @@ class CycleGAN(PHSMethod):
     def discriminator_loss(
         self, batch: dict[str, Any], f: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        d_h = self.adv.discriminator(self.D_h, batch["x_h"], self.pool_h.query(f["fake_h"]))
-        d_p = self.adv.discriminator(self.D_p, batch["x_p"], self.pool_p.query(f["fake_p"]))
+        d_h = self.adv.discriminator(self.D_h, batch["x_h"], self.pool_h.query(f["fake_h"]), "d_h")
+        d_p = self.adv.discriminator(self.D_p, batch["x_p"], self.pool_p.query(f["fake_p"]), "d_p")
         return {"d_h": d_h, "d_p": d_p}
 
     def optimizer_groups(self):

@@ -116,8 +116,8 @@ class ProposedPaired(PHSMethod):
         """D_x: real healthy slices against G(x_p) and R(x_h, m_h)."""
         x_h = batch["x_h"]
         return {
-            "d_x": self.adv.discriminator(self.D_x, x_h, c["x_ph"])
-            + self.adv.discriminator(self.D_x, x_h, c["x_hh"])
+            "d_x": self.adv.discriminator(self.D_x, x_h, c["x_ph"], "d_x_ph")
+            + self.adv.discriminator(self.D_x, x_h, c["x_hh"], "d_x_hh")
         }
 
     def generator_steps_now(self) -> bool:
@@ -166,7 +166,7 @@ class ProposedUnpaired(ProposedPaired):
     def discriminator_loss(self, batch, c):
         return {
             **super().discriminator_loss(batch, c),
-            "d_m": self.adv.discriminator(self.D_m, batch["m_real"], c["m_ph"]),
+            "d_m": self.adv.discriminator(self.D_m, batch["m_real"], c["m_ph"], "d_m"),
         }
 
     def optimizer_groups(self):
