@@ -24,6 +24,16 @@ def _user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print ``error: <message>`` and exit 2 for input/config errors (traceback with HYDRA_FULL_ERROR=1)."""
 
@@ -33,8 +43,8 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except Exception as err:
             user = _user_error(err)
-            if user is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
+            if user is None or os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_multirun():
+                raise  # in a sweep, a failing job is reported by Hydra and the sweep goes on
             msg = str(user).strip().splitlines()
             print(f"error: {' '.join(m.strip() for m in msg if m.strip())}", file=sys.stderr)
             sys.exit(2)

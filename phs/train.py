@@ -72,7 +72,7 @@ def train(cfg: DictConfig) -> float | None:
     for lg in trainer.loggers:  # the resolved config, on every logger (rank 0 only)
         lg.log_hyperparams(model.phs_config)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    score = trainer.callback_metrics.get(model.monitor[0])
+    score = trainer.callback_metrics.get(cfg.get("optimized_metric") or model.monitor[0])
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule)
         metrics = write_metrics(out_dir, model)

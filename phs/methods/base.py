@@ -225,6 +225,7 @@ class PHSMethod(pl.LightningModule):
                     values.mean(),
                     batch_size=len(values),
                     prog_bar=name == self.monitor[0][4:],
+                    sync_dist=True,
                 )
 
     def on_test_epoch_start(self) -> None:
@@ -245,9 +246,17 @@ class PHSMethod(pl.LightningModule):
         for name, values in per_slice.items():
             values = values[~torch.isnan(values)]
             if len(values) and not name.startswith("n_"):
-                self.log(f"test/{name}", values.mean(), batch_size=len(values))
+                self.log(f"test/{name}", values.mean(), batch_size=len(values), sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank saw a shard (padded by the sampler): gather, then drop the repeats
+            shards: list[list[dict[str, Any]]] = [
+                [] for _ in range(torch.distributed.get_world_size())
+            ]
+            torch.distributed.all_gather_object(shards, self.test_rows)
+            unique = {(r["case"], r["slice"]): r for shard in shards for r in shard}
+            self.test_rows = sorted(unique.values(), key=lambda r: (r["case"], r["slice"]))
         if self.test_rows and "n_pred" in self.test_rows[0]:
             mean_true = sum(r["n_true"] for r in self.test_rows) / len(self.test_rows)
             for r in self.test_rows:  # per-slice terms whose mean is the paper's healthiness

@@ -1,0 +1,159 @@
+"""Experiment operations: sweeps, Optuna, submitit, DDP on CPU, W&B offline, bf16, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = [
+    "trainer.max_steps=-1",
+    "trainer.max_epochs=1",
+    "net.width=8",
+    "net.n_res=2",
+    "net.seg_depth=3",
+    "net.d_layers=2",
+    "data.preprocess.slice_size=[40,32]",
+    "data.preprocess.n_slices=16",
+    "data.preprocess.spacing=[1,1,1]",
+    "data.progress=false",
+    "data.split.val_fraction=0.25",
+    "trainer.enable_progress_bar=false",
+    "~callbacks.progress_bar",
+    "trainer.accelerator=cpu",
+]
+
+
+def train(
+    args: list[str], tmp_path: Path, root: Path, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PHS_CACHE_DIR": str(tmp_path / "cache"), "HOME": str(tmp_path / "home")}
+    for var in ("HYDRA_FULL_ERROR", "WANDB_API_KEY", "WANDB_MODE"):
+        env.pop(var, None)
+    flags = [a for a in args if a.startswith("-")]  # Hydra's flags (-m) before the overrides
+    rest = [a for a in args if not a.startswith("-")]
+    cmd = [sys.executable, "-m", "phs.train", *flags, "data=brats", f"data.root={root}", *TINY, *rest]
+    return subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_multirun_two_jobs_two_folders(brats_root: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    p = train(
+        ["-m", "model.loss.lambda_cc=1,10", f"hydra.sweep.dir={sweep}", "logger=none"],
+        tmp_path,
+        brats_root,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    for job, lam in (("0", "1"), ("1", "10")):
+        assert (sweep / job / "metrics.json").exists()
+        assert (
+            f"lambda_cc: {lam}" in (sweep / job / ".hydra" / "overrides.yaml").read_text()
+            or f"lambda_cc={lam}" in (sweep / job / ".hydra" / "overrides.yaml").read_text()
+        )
+
+
+def test_optuna_two_trials(brats_root: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "optuna"
+    p = train(
+        [
+            "hparams_search=lambda_optuna",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=1",
+            f"hydra.sweep.dir={sweep}",
+            "logger=none",
+        ],
+        tmp_path,
+        brats_root,
+        timeout=900,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (sweep / "0" / "metrics.json").exists() and (sweep / "1" / "metrics.json").exists()
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "best_value" in results and "model.loss.lambda_cc" in results
+
+
+def test_submitit_local_runs_a_job(brats_root: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "submitit"
+    p = train(
+        [
+            "-m",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=15",
+            f"hydra.sweep.dir={sweep}",
+            "logger=none",
+            "model=cgan",
+        ],
+        tmp_path,
+        brats_root,
+        timeout=900,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (sweep / "0" / "metrics.json").exists()
+
+
+def test_ddp_two_cpu_processes(brats_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    p = train(
+        [
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "model=proposed_unpaired",
+            "trainer.max_steps=3",
+            f"hydra.run.dir={run}",
+            "logger=csv",
+        ],
+        tmp_path,
+        brats_root,
+        timeout=900,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["identity"]["n"] > 0
+    assert not (tmp_path / "outputs").exists()  # the second rank did not make its own run folder
+
+
+def test_wandb_offline_run_has_images_and_tables(brats_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "wb"
+    p = train(
+        ["logger=wandb", f"hydra.run.dir={run}", "model=proposed_paired"], tmp_path, brats_root
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    media = runs[0] / "files" / "media"
+    assert list((media / "images").rglob("*.png")), "no logged images"
+    assert list((media / "table").rglob("*.json")), "no logged table"
+
+
+@pytest.mark.parametrize(
+    "model", ["proposed_paired", "proposed_unpaired", "cgan", "cyclegan", "segmentor"]
+)
+def test_bf16_mixed_trains(model: str, brats_root: Path, tmp_path: Path) -> None:
+    from test_methods import config
+
+    from phs.train import train as train_fn
+
+    train_fn(config(tmp_path, brats_root, f"model={model}", "trainer.precision=bf16-mixed"))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert all(v["mean"] is None or v["mean"] == v["mean"] for v in metrics.values())  # no NaN
+
+
+def test_atomic_checkpoint_keeps_the_old_file(tmp_path: Path) -> None:
+    from phs.callbacks import AtomicCheckpointIO
+
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    with pytest.raises(Exception):  # noqa: B017 - the write fails half-way (an unpicklable object)
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3), "bad": lambda: None}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
