@@ -72,6 +72,10 @@ def train(cfg: DictConfig) -> float | None:
     for lg in trainer.loggers:  # the resolved config, on every logger (rank 0 only)
         lg.log_hyperparams(model.phs_config)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    ckpt_cb = trainer.checkpoint_callback
+    if ckpt_cb is not None and ckpt_cb.dirpath and not trainer.fast_dev_run:
+        # the final state, whatever stopped training (max_steps mid-epoch skips the epoch-end save)
+        trainer.save_checkpoint(Path(ckpt_cb.dirpath) / "last.ckpt")
     score = trainer.callback_metrics.get(cfg.get("optimized_metric") or model.monitor[0])
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule)

@@ -37,7 +37,16 @@ def train(
         env.pop(var, None)
     flags = [a for a in args if a.startswith("-")]  # Hydra's flags (-m) before the overrides
     rest = [a for a in args if not a.startswith("-")]
-    cmd = [sys.executable, "-m", "phs.train", *flags, "data=brats", f"data.root={root}", *TINY, *rest]
+    cmd = [
+        sys.executable,
+        "-m",
+        "phs.train",
+        *flags,
+        "data=brats",
+        f"data.root={root}",
+        *TINY,
+        *rest,
+    ]
     return subprocess.run(
         cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -107,6 +116,7 @@ def test_ddp_two_cpu_processes(brats_root: Path, tmp_path: Path) -> None:
             "trainer.devices=2",
             "model=proposed_unpaired",
             "trainer.max_steps=3",
+            "trainer.max_epochs=-1",
             f"hydra.run.dir={run}",
             "logger=csv",
         ],
