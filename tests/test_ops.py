@@ -167,3 +167,49 @@ def test_atomic_checkpoint_keeps_the_old_file(tmp_path: Path) -> None:
         io.save_checkpoint({"step": 2, "w": torch.zeros(3), "bad": lambda: None}, path)
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_resume_mid_epoch_sees_the_same_batches(brats_root: Path, tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+    from test_methods import build, config
+
+    class Record(pl.Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[float, ...]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.seen.append(
+                tuple(round(float(batch[k].sum()), 3) for k in ("x_p", "m_p", "x_h", "m_real"))
+            )
+
+    def fit(max_steps: int, ckpt: Path | None = None) -> tuple[list, pl.LightningModule]:
+        dm, model = build(config(tmp_path, brats_root, "model=proposed_unpaired"))
+        rec = Record()
+        every3 = pl.callbacks.ModelCheckpoint(
+            dirpath=tmp_path / f"ck{max_steps}",
+            filename="{step}",
+            every_n_train_steps=3,
+            save_top_k=-1,
+        )
+        trainer = pl.Trainer(
+            max_steps=max_steps,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            limit_val_batches=0,
+            callbacks=[rec, every3],
+        )
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+        return rec.seen, model
+
+    pl.seed_everything(0)
+    full, model_full = fit(9)
+    # a checkpoint written during training, mid-epoch (an epoch here is 8 batches)
+    pl.seed_everything(0)
+    first, _ = fit(3)
+    pl.seed_everything(123)  # a different global RNG state must not matter
+    rest, model_resumed = fit(9, tmp_path / "ck3" / "step=3.ckpt")
+    n_epoch = len(full)
+    assert n_epoch == 9 and first == full[:3] and rest == full[3:]
+    for a, b in zip(model_full.parameters(), model_resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b)

@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from monai.data import DataLoader
 from monai.transforms import Compose, EnsureTyped, RandFlipd, RandRotated
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from phs.data.cache import load_case, preprocess_cases
 from phs.data.discovery import discover
@@ -96,10 +96,18 @@ def _augment(keys: list[str], modes: list[str], cfg: Mapping[str, Any]) -> Compo
 
 
 class TrainSlices(Dataset):
-    """Pathological slice + mask, a random healthy slice, a real mask from another volume."""
+    """Pathological slice + mask, a random healthy slice, a real mask from another volume.
 
-    def __init__(self, store: SliceStore, augment: Mapping[str, Any] | None = None) -> None:
-        self.store = store
+    Items are indexed by ``(i, epoch)`` (see :class:`EpochSampler`) and every random draw (the
+    healthy slice, the real mask, the augmentation) comes from a generator seeded by
+    ``(seed, epoch, i)``: the data of a step does not depend on what ran before it, so a resumed
+    run sees exactly the batches the uninterrupted run would have seen, with any worker count.
+    """
+
+    def __init__(
+        self, store: SliceStore, augment: Mapping[str, Any] | None = None, seed: int = 0
+    ) -> None:
+        self.store, self.seed = store, seed
         self.p_idx = torch.nonzero(store.pathological).flatten()
         self.h_idx = torch.nonzero(~store.pathological).flatten()
         if len(self.p_idx) == 0:
@@ -122,26 +130,76 @@ class TrainSlices(Dataset):
     def __len__(self) -> int:
         return len(self.p_idx)
 
-    def _other_volume_mask(self, i: int) -> int:
+    def _other_volume_mask(self, i: int, rng: np.random.Generator | None = None) -> int:
+        rng = rng or np.random.default_rng()
         n = len(self.p_idx)
         if self.single_volume:
-            return int(torch.randint(n, ()))
+            return int(rng.integers(n))
         start, end = int(self.vol_start[i]), int(self.vol_end[i])
-        r = int(torch.randint(n - (end - start), ()))
+        r = int(rng.integers(n - (end - start)))
         return r if r < start else r + (end - start)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        rng = np.random.default_rng([self.seed, epoch, i])
         s = self.store
         p = int(self.p_idx[i])
-        h = int(self.h_idx[torch.randint(len(self.h_idx), ())])
-        m = int(self.p_idx[self._other_volume_mask(i)])
-        pair = {"x_p": s.image[p], "m_p": s.label[p]}
-        item = {
-            **(self.pair_aug(pair) if self.pair_aug else pair),
-            **(self.h_aug({"x_h": s.image[h]}) if self.h_aug else {"x_h": s.image[h]}),
-            **(self.m_aug({"m_real": s.label[m]}) if self.m_aug else {"m_real": s.label[m]}),
-        }
+        h = int(self.h_idx[int(rng.integers(len(self.h_idx)))])
+        m = int(self.p_idx[self._other_volume_mask(i, rng)])
+        item = {}
+        for aug, part in (
+            (self.pair_aug, {"x_p": s.image[p], "m_p": s.label[p]}),
+            (self.h_aug, {"x_h": s.image[h]}),
+            (self.m_aug, {"m_real": s.label[m]}),
+        ):
+            if aug is not None:
+                aug.set_random_state(state=np.random.RandomState(rng.integers(2**31)))
+                part = aug(part)
+            item.update(part)
         return item
+
+
+class EpochSampler(Sampler):
+    """Shuffles by ``(seed, epoch)`` and yields ``(index, epoch)``; can start part-way through an
+    epoch (resume) and shard the epoch across DDP ranks (every rank the same number of items)."""
+
+    def __init__(self, n: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.epoch, self._skip, self._skip_epoch = 0, 0, None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, items_done: int) -> None:
+        """The next pass over ``epoch`` starts after its first ``items_done`` items (this rank's)."""
+        self._skip_epoch, self._skip = epoch, items_done
+
+    def _order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        per_rank = -(-self.n // self.world_size)
+        order += order[: per_rank * self.world_size - self.n]  # pad so every rank has as many
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self):
+        order = self._order()
+        start = self._skip if self._skip_epoch == self.epoch else 0
+        self._skip_epoch = None
+        return iter([(i, self.epoch) for i in order[start:]])
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world_size)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that tells Lightning it can resume mid-epoch (the position comes from the
+    restored loop progress, see ``PHSDataModule.train_dataloader``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_sampler": True}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 class EvalSlices(Dataset):
@@ -292,11 +350,25 @@ class PHSDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        ds = TrainSlices(self.stores["training"], self.augment)
-        for aug in (ds.pair_aug, ds.h_aug, ds.m_aug):
-            if aug is not None:
-                aug.set_random_state(seed=self.seed)
-        return self._loader(ds, self.batch_size, shuffle=True)
+        ds = TrainSlices(self.stores["training"], self.augment, seed=self.seed)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = EpochSampler(len(ds), self.seed, rank, world)
+        n_batches = len(sampler) // self.batch_size if len(sampler) >= self.batch_size else 1
+        if trainer is not None:  # resuming mid-epoch: start after the batches already trained on
+            # batches trained on in this epoch (a checkpoint written in on_train_batch_end counts
+            # its batch as processed, not yet completed)
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if 0 < done < n_batches:
+                sampler.resume_at(trainer.current_epoch, done * self.batch_size)
+        return ResumableLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            drop_last=len(sampler) >= self.batch_size,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def _eval(self, split: str) -> DataLoader | list:
         store = self.stores.get(split)

@@ -4,6 +4,7 @@ optimizer partials, and the validation/test metrics (one place, used by train an
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -65,12 +66,22 @@ class PHSMethod(pl.LightningModule):
         self.batches_seen = 0  # drives critic schedules; restored on resume
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # global RNG states (dropout, image pools) so a resumed run continues exactly
+        checkpoint["phs_rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         checkpoint["phs_batches_seen"] = self.batches_seen
         if self.phs_config is not None:
             checkpoint["phs_config"] = self.phs_config
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.batches_seen = checkpoint.get("phs_batches_seen", 0)
+        self._rng_to_restore = checkpoint.get("phs_rng")  # applied once the data iterator exists
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        rng = getattr(self, "_rng_to_restore", None)
+        if rng:  # after the DataLoader drew its base seed, as it had when the checkpoint was taken
+            torch.set_rng_state(rng["torch"])
+            random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+            self._rng_to_restore = None
 
     # -- to implement --------------------------------------------------------------------------
     def synthesize(self, x_p: torch.Tensor) -> dict[str, torch.Tensor]:
