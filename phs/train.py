@@ -16,6 +16,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from phs.cli import friendly_errors
@@ -55,6 +56,11 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = hydra.utils.instantiate(cfg.data)
     model: PHSMethod = hydra.utils.instantiate(cfg.model)
     model.phs_config = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.get("compile"):  # each network, in place: parameter names (and checkpoints) unchanged
+        for net in model.children():
+            net.compile()
     for cb in (cfg.get("callbacks") or {}).values():  # default monitor: the method's own metric
         if (
             cb

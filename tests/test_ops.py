@@ -213,3 +213,57 @@ def test_resume_mid_epoch_sees_the_same_batches(brats_root: Path, tmp_path: Path
     assert n_epoch == 9 and first == full[:3] and rest == full[3:]
     for a, b in zip(model_full.parameters(), model_resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_sigkill_then_resume_from_last_checkpoint(brats_root: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    run = tmp_path / "killed"
+    env = {**os.environ, "PHS_CACHE_DIR": str(tmp_path / "cache")}
+    args = [
+        "data=brats",
+        f"data.root={brats_root}",
+        *TINY,
+        "trainer.max_epochs=-1",
+        "logger=none",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        f"hydra.run.dir={run}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "phs.train", *args, "trainer.max_steps=100000"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if last.exists() and torch.load(last, weights_only=True)["global_step"] >= 4:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    step = torch.load(last, weights_only=True)["global_step"]  # readable: writes are atomic
+    assert step >= 4 and step % 2 == 0
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "phs.train",
+            *args,
+            f"ckpt_path={last}",
+            f"trainer.max_steps={step + 2}",
+            "test=false",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert torch.load(last, weights_only=True)["global_step"] == step + 2
