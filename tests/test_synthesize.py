@@ -1,0 +1,249 @@
+"""phs.synthesize: outputs on the input's grid, safe checkpoints, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import REAL, brain_volume, save, write_case
+
+TINY = [
+    "net.width=8",
+    "net.n_res=2",
+    "net.seg_depth=3",
+    "net.d_layers=2",
+    "data.preprocess.slice_size=[40,32]",
+    "data.preprocess.n_slices=16",
+    "data.progress=false",
+    "logger=none",
+    "test=false",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny dataset and a checkpoint trained on it for a few steps."""
+    from test_methods import config
+
+    from phs.train import train
+
+    tmp = tmp_path_factory.mktemp("synth")
+    root = tmp / "brats"
+    for i in range(4):
+        case = f"Brats18_SYN_{i}_1"
+        write_case(
+            root / case,
+            f"{case}_flair.nii.gz",
+            f"{case}_seg.nii.gz",
+            seed=i,
+            healthy=f"{case}_flair_healthy.nii.gz",
+            lesion_center=(20 + i, 18 + 2 * i, 15),
+        )
+    train(config(tmp, root, "model=proposed_paired", "trainer.max_steps=2", "test=false"))
+    return {"root": root, "ckpt": tmp / "run" / "checkpoints" / "last.ckpt", "tmp": tmp}
+
+
+def synth(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.run(
+        [sys.executable, "-m", "phs.synthesize", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_outputs_on_the_input_grid(tiny: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    p = synth([f"ckpt_path={tiny['ckpt']}", f"input={tiny['root']}", f"output={out}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for case_dir in sorted(out.glob("Brats18_SYN_*")):
+        image = nib.load(tiny["root"] / case_dir.name / f"{case_dir.name}_flair.nii.gz")
+        for name in ("pseudo_healthy", "pathology_prob", "pathology_mask", "residual"):
+            img = nib.load(case_dir / f"{name}.nii.gz")
+            assert img.shape == image.shape and np.allclose(img.affine, image.affine)
+        assert set(np.unique(np.asarray(nib.load(case_dir / "pathology_mask.nii.gz").dataobj))) <= {
+            0,
+            1,
+        }
+        assert (case_dir / "preview.png").exists()
+    assert len(list(out.glob("Brats18_SYN_*"))) == 4
+    assert not list(out.rglob(".*tmp*"))  # no half-written file left
+
+
+def test_original_intensity_units(tiny: dict, tmp_path: Path) -> None:
+    img = tiny["root"] / "Brats18_SYN_0_1" / "Brats18_SYN_0_1_flair.nii.gz"
+    p = synth(
+        [
+            f"ckpt_path={tiny['ckpt']}",
+            f"input={img}",
+            f"output={tmp_path / 'o'}",
+            "intensity=original",
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    ph = np.asarray(
+        nib.load(tmp_path / "o" / "Brats18_SYN_0_1_flair" / "pseudo_healthy.nii.gz").dataobj
+    )
+    src = np.asarray(nib.load(img).dataobj).astype(float)
+    assert ph.max() > 2.0 and ph.max() <= src.max() * 1.01  # input units, not [0, 1]
+    assert (ph[src == 0] == 0).all()  # background stays at the input's background
+
+
+@pytest.mark.skipif(not (REAL / "brats").is_dir(), reason="../shared/data/real not present")
+def test_real_brats_outputs_open_with_input_shape_and_affine(tiny: dict, tmp_path: Path) -> None:
+    out = tmp_path / "real"
+    p = synth([f"ckpt_path={tiny['ckpt']}", f"input={REAL / 'brats'}", f"output={out}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for case in ("Brats18_2013_5_1", "Brats18_TCGA_DU_7294_1"):
+        ref = nib.load(REAL / "brats" / case / f"{case}_flair.nii.gz")
+        ph = nib.load(out / case / "pseudo_healthy.nii.gz")
+        assert ph.shape == ref.shape and np.allclose(ph.affine, ref.affine)
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
+    arr, _ = brain_volume()
+    bad = {}
+    bad["missing"] = (tmp / "nope.nii.gz", "does not exist")
+    txt = tmp / "notes.txt"
+    txt.write_text("hello")
+    bad["not_nifti"] = (txt, "not a NIfTI")
+    good = save(tmp / "good.nii.gz", arr)
+    trunc = tmp / "trunc.nii.gz"
+    trunc.write_bytes(good.read_bytes()[:300])
+    bad["truncated"] = (trunc, "cannot read")
+    bad["2d"] = (save(tmp / "flat.nii.gz", arr[:, :, 5]), "2D")
+    bad["4d"] = (save(tmp / "time.nii.gz", np.stack([arr] * 2, -1)), "4D")
+    bad["empty"] = (save(tmp / "empty.nii.gz", np.zeros_like(arr)), "empty")
+    nan = arr.copy()
+    nan[5, 5, 5] = np.nan
+    bad["nan"] = (save(tmp / "nan.nii.gz", nan), "NaN")
+    return bad
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_nifti", "truncated", "2d", "4d", "empty", "nan"])
+def test_bad_input_exit_2_naming_the_file(kind: str, tiny: dict, tmp_path: Path) -> None:
+    path, message = _bad_inputs(tmp_path)[kind]
+    p = synth([f"ckpt_path={tiny['ckpt']}", f"input={path}", f"output={tmp_path / 'o'}"], tmp_path)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and message in p.stderr and path.name in p.stderr
+
+
+def test_unwritable_output_exit_2(tiny: dict, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    img = tiny["root"] / "Brats18_SYN_0_1" / "Brats18_SYN_0_1_flair.nii.gz"
+    p = synth([f"ckpt_path={tiny['ckpt']}", f"input={img}", f"output={blocker / 'sub'}"], tmp_path)
+    assert p.returncode == 2 and "not writable" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_folder_with_one_bad_case(tiny: dict, tmp_path: Path) -> None:
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i in range(2):
+        src = tiny["root"] / f"Brats18_SYN_{i}_1" / f"Brats18_SYN_{i}_1_flair.nii.gz"
+        (folder / f"scan{i}.nii.gz").write_bytes(src.read_bytes())
+    (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08 not really gzip")
+    out = tmp_path / "o"
+    p = synth([f"ckpt_path={tiny['ckpt']}", f"input={folder}", f"output={out}"], tmp_path)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert (out / "scan0" / "pseudo_healthy.nii.gz").exists() and (
+        out / "scan1" / "pseudo_healthy.nii.gz"
+    ).exists()
+    report = json.loads((out / "synthesize.json").read_text())
+    assert [f["case"] for f in report["failed"]] == ["broken"]
+    assert not (out / "broken" / "pseudo_healthy.nii.gz").exists()
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    from phs.synthesize import write_nifti
+
+    ref = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    target = tmp_path / "x.nii.gz"
+    with pytest.raises(Exception):  # noqa: B017 - a dtype NIfTI cannot store
+        write_nifti(target, np.zeros((4, 4, 4)), ref, np.complex256)
+    assert list(tmp_path.iterdir()) == []
+
+
+class Payload:
+    """Stands for arbitrary code a malicious checkpoint would run when unpickled."""
+
+
+def test_refuses_a_checkpoint_with_a_pickled_object(tiny: dict, tmp_path: Path) -> None:
+    ckpt = torch.load(tiny["ckpt"], weights_only=True)
+    ckpt["extra"] = Payload()
+    evil = tmp_path / "evil.ckpt"
+    torch.save(ckpt, evil)
+    img = tiny["root"] / "Brats18_SYN_0_1" / "Brats18_SYN_0_1_flair.nii.gz"
+    p = synth([f"ckpt_path={evil}", f"input={img}", f"output={tmp_path / 'o'}"], tmp_path)
+    assert p.returncode == 2 and "weights only" in p.stderr and "Traceback" not in p.stderr
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}}, other)
+    p = synth([f"ckpt_path={other}", f"input={img}", f"output={tmp_path / 'o'}"], tmp_path)
+    assert p.returncode == 2 and "not a phs checkpoint" in p.stderr
+    truncated = tmp_path / "trunc.ckpt"
+    truncated.write_bytes(tiny["ckpt"].read_bytes()[:1000])
+    p = synth([f"ckpt_path={truncated}", f"input={img}", f"output={tmp_path / 'o'}"], tmp_path)
+    assert p.returncode == 2 and "trunc.ckpt" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_trained_model_moves_a_phantom_lesion_towards_the_truth(tmp_path: Path) -> None:
+    """Acceptance: on a phantom volume, pseudo_healthy is closer (PSNR) to the true healthy volume
+    inside the lesion than the input is, and pathology_mask overlaps the true lesion."""
+    from test_methods import config
+
+    from phs.data.preprocess import fit_intensity
+    from phs.phantom import generate
+    from phs.train import train
+
+    root = generate(tmp_path / "ph", n_volumes=6, kind="brats", seed=1, progress=False)
+    cfg = config(
+        tmp_path,
+        root,
+        "model=proposed_paired",
+        "data.preprocess.spacing=[3,3,3]",
+        "data.preprocess.slice_size=[64,48]",
+        "data.preprocess.n_slices=20",
+        "net.width=16",
+        "net.seg_depth=4",
+        "trainer.max_steps=1500",
+        "trainer.precision=bf16-mixed",
+        "model.optimizer.lr=5e-4",
+        "test=false",
+    )
+    train(cfg)
+    case = sorted((root / "HGG").iterdir())[0]
+    image = case / f"{case.name}_flair.nii.gz"
+    p = synth(
+        [
+            f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+            f"input={image}",
+            f"output={tmp_path / 'out'}",
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = tmp_path / "out" / f"{case.name}_flair"
+    x = np.asarray(nib.load(image).dataobj).astype(np.float64)
+    truth = np.asarray(nib.load(case / f"{case.name}_flair_healthy.nii.gz").dataobj).astype(
+        np.float64
+    )
+    lesion = np.asarray(nib.load(case / f"{case.name}_seg.nii.gz").dataobj) > 0
+    fit = fit_intensity(x)
+    norm = lambda a: np.clip((a - fit.background) / fit.scale, 0, 1)  # noqa: E731
+    ph = np.asarray(nib.load(out / "pseudo_healthy.nii.gz").dataobj)
+    psnr = lambda a, b: 10 * np.log10(1 / np.mean((a - b) ** 2))  # noqa: E731
+    assert psnr(ph[lesion], norm(truth)[lesion]) > psnr(norm(x)[lesion], norm(truth)[lesion]) + 1.0
+    mask = np.asarray(nib.load(out / "pathology_mask.nii.gz").dataobj) > 0
+    assert (mask & lesion).sum() > 0.3 * lesion.sum()
