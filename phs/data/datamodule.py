@@ -277,7 +277,7 @@ class PHSDataModule(pl.LightningDataModule):
         self._good, self.skipped = preprocess_cases(
             records,
             self.preprocess_cfg,
-            self.cache_dir / "slices",
+            self.cache_dir,
             self.preprocess_workers,
             self.skip_bad_cases,
             self.progress,
