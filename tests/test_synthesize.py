@@ -80,6 +80,36 @@ def test_outputs_on_the_input_grid(tiny: dict, tmp_path: Path) -> None:
     assert not list(out.rglob(".*tmp*"))  # no half-written file left
 
 
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("proposed_unpaired", {"pseudo_healthy", "pathology_prob", "pathology_mask", "residual"}),
+        ("cgan", {"pseudo_healthy", "residual"}),
+        ("cyclegan", {"pseudo_healthy", "residual"}),
+    ],
+)
+def test_every_method_checkpoint(model: str, expected: set, tiny: dict, tmp_path: Path) -> None:
+    """proposed_paired is covered above; the baselines give no mask, only the residual."""
+    from test_methods import config
+
+    from phs.train import train
+
+    cfg = config(tmp_path, tiny["root"], f"model={model}", "trainer.max_steps=2", "test=false")
+    train(cfg)
+    img = tiny["root"] / "Brats18_SYN_1_1" / "Brats18_SYN_1_1_flair.nii.gz"
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    p = synth([f"ckpt_path={ckpt}", f"input={img}", f"output={tmp_path / 'o'}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    case_dir = tmp_path / "o" / "Brats18_SYN_1_1_flair"
+    written = {f.name.removesuffix(".nii.gz") for f in case_dir.glob("*.nii.gz")}
+    assert written == expected
+    ref = nib.load(img)
+    for name in expected:
+        out = nib.load(case_dir / f"{name}.nii.gz")
+        assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)
+        assert np.isfinite(np.asarray(out.dataobj)).all()
+
+
 def test_original_intensity_units(tiny: dict, tmp_path: Path) -> None:
     img = tiny["root"] / "Brats18_SYN_0_1" / "Brats18_SYN_0_1_flair.nii.gz"
     p = synth(
@@ -199,22 +229,26 @@ def test_refuses_a_checkpoint_with_a_pickled_object(tiny: dict, tmp_path: Path) 
 
 @pytest.mark.slow
 def test_trained_model_moves_a_phantom_lesion_towards_the_truth(tmp_path: Path) -> None:
-    """Acceptance: on a phantom volume, pseudo_healthy is closer (PSNR) to the true healthy volume
-    inside the lesion than the input is, and pathology_mask overlaps the true lesion."""
+    """Acceptance: on held-out phantom volumes, pseudo_healthy is closer (PSNR) to the true healthy
+    volume inside the lesion than the input is, and pathology_mask finds the true lesion.
+
+    A small model (16 volumes at 3 mm, 40 slices, 1500 steps; ~4 min on 2 cores) measured on the
+    3 test-split volumes: Dice 0.47 / 0.62 / 0.76, PSNR gain in the lesion +1.9 / +3.1 / +0.3 dB.
+    """
     from test_methods import config
 
     from phs.data.preprocess import fit_intensity
     from phs.phantom import generate
     from phs.train import train
 
-    root = generate(tmp_path / "ph", n_volumes=6, kind="brats", seed=1, progress=False)
+    root = generate(tmp_path / "ph", n_volumes=16, kind="brats", seed=1, progress=False)
     cfg = config(
         tmp_path,
         root,
         "model=proposed_paired",
         "data.preprocess.spacing=[3,3,3]",
         "data.preprocess.slice_size=[64,48]",
-        "data.preprocess.n_slices=20",
+        "data.preprocess.n_slices=40",
         "net.width=16",
         "net.seg_depth=4",
         "trainer.max_steps=1500",
@@ -223,29 +257,32 @@ def test_trained_model_moves_a_phantom_lesion_towards_the_truth(tmp_path: Path) 
         "test=false",
     )
     train(cfg)
-    case = sorted((root / "HGG").iterdir())[0]
-    image = case / f"{case.name}_flair.nii.gz"
-    p = synth(
-        [
-            f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
-            f"input={image}",
-            f"output={tmp_path / 'out'}",
-        ],
-        tmp_path,
-    )
-    assert p.returncode == 0, p.stderr[-2000:]
-    out = tmp_path / "out" / f"{case.name}_flair"
-    x = np.asarray(nib.load(image).dataobj).astype(np.float64)
-    truth = np.asarray(nib.load(case / f"{case.name}_flair_healthy.nii.gz").dataobj).astype(
-        np.float64
-    )
-    lesion = np.asarray(nib.load(case / f"{case.name}_seg.nii.gz").dataobj) > 0
-    fit = fit_intensity(x)
-    norm = lambda a: np.clip((a - fit.background) / fit.scale, 0, 1)  # noqa: E731
-    ph = np.asarray(nib.load(out / "pseudo_healthy.nii.gz").dataobj)
+    held_out = json.loads((tmp_path / "run" / "datalist.json").read_text())["test"]
+    assert len(held_out) == 3
     psnr = lambda a, b: 10 * np.log10(1 / np.mean((a - b) ** 2))  # noqa: E731
-    assert psnr(ph[lesion], norm(truth)[lesion]) > psnr(norm(x)[lesion], norm(truth)[lesion]) + 1.0
-    mask = np.asarray(nib.load(out / "pathology_mask.nii.gz").dataobj) > 0
-    # overlaps the true lesion; this small model's mask is still poor (measured: 9 % of the
-    # lesion found, 4 % precision), which is why issue 6 stays open for a better small model
-    assert (mask & lesion).sum() > 0
+    gains, dices = [], []
+    for record in held_out:
+        image = Path(record["image"])
+        case = image.parent
+        p = synth(
+            [
+                f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+                f"input={image}",
+                f"output={tmp_path / 'out'}",
+            ],
+            tmp_path,
+        )
+        assert p.returncode == 0, p.stderr[-2000:]
+        out = tmp_path / "out" / f"{case.name}_flair"
+        x = np.asarray(nib.load(image).dataobj).astype(np.float64)
+        truth = np.asarray(nib.load(case / f"{case.name}_flair_healthy.nii.gz").dataobj)
+        lesion = np.asarray(nib.load(case / f"{case.name}_seg.nii.gz").dataobj) > 0
+        fit = fit_intensity(x)
+        norm = lambda a: np.clip((a - fit.background) / fit.scale, 0, 1)  # noqa: E731, B023
+        ph = np.asarray(nib.load(out / "pseudo_healthy.nii.gz").dataobj)
+        truth_l = norm(truth.astype(np.float64))[lesion]
+        gains.append(psnr(ph[lesion], truth_l) - psnr(norm(x)[lesion], truth_l))
+        mask = np.asarray(nib.load(out / "pathology_mask.nii.gz").dataobj) > 0
+        dices.append(2 * (mask & lesion).sum() / (mask.sum() + lesion.sum()))
+    assert min(gains) > 0 and np.mean(gains) > 1.0, gains
+    assert min(dices) > 0.3 and np.mean(dices) > 0.45, dices
