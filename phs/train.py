@@ -85,7 +85,9 @@ def train(cfg: DictConfig) -> float | None:
     score = trainer.callback_metrics.get(cfg.get("optimized_metric") or model.monitor[0])
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule)
-        metrics = write_metrics(out_dir, model)
+        metrics = model.test_summary()  # gathered over ranks; one rank writes the files
+        if trainer.is_global_zero:
+            metrics = write_metrics(out_dir, model)
         log.info(
             "test metrics: %s",
             {k: round(v["mean"], 4) for k, v in metrics.items() if v["mean"] is not None},

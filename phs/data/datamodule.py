@@ -294,7 +294,8 @@ class PHSDataModule(pl.LightningDataModule):
         if not self.splits["training"] and stage in (None, "fit"):
             raise DataError("the split left no training volume; lower data.split.test_fraction")
         self.stores = {k: SliceStore(v) for k, v in self.splits.items() if k != "unused"}
-        if self.datalist_out:
+        # one writer under DDP (every rank runs setup; same content, but a shared temp name raced)
+        if self.datalist_out and (self.trainer is None or self.trainer.is_global_zero):
             self.write_datalist(self.datalist_out)
 
     def write_datalist(self, path: str | Path) -> Path:

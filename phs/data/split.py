@@ -96,7 +96,7 @@ def write_datalist(
             {k: (os.path.abspath(r[k]) if k != "case" else r[k]) for k in keep if r.get(k)}
             for r in recs
         ]
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(content, indent=2))
     os.replace(tmp, path)
     return path
