@@ -665,6 +665,8 @@ def generate(
     Case i depends only on (kind, seed, i, mass_effect). ``workers=0`` picks up to 2
     processes (1 runs in this process). ``phantom.json`` is removed first and written last;
     cases beyond ``n_volumes`` listed by a previous ``phantom.json`` in ``out`` are deleted.
+    More than one worker spawns processes, which re-import the calling script: call it from
+    under ``if __name__ == "__main__":`` in a script, or pass ``workers=1``.
     """
     if kind not in KINDS:
         raise PhsError(f"phantom kind must be one of {', '.join(KINDS)}, got {kind!r}")
