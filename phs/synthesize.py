@@ -188,6 +188,12 @@ def synthesize_case(
             value, meta=geo.meta, applied_operations=copy.deepcopy(geo.applied_operations)
         )
         back[name] = np.asarray(transform.inverse({"image": mt})["image"][0])
+    # resampling back blurs the brain's edge into the background: on the input's own grid, too,
+    # everything outside the brain is the input (pseudo_healthy) or nothing (residual, prob)
+    x_norm = np.clip((np.asarray(x[0], np.float32) - fit.background) / fit.scale, 0, 1)
+    inside = x_norm > 0
+    for name in back:
+        back[name] = np.where(inside, back[name], x_norm if name == "pseudo_healthy" else 0)
     case_dir = out_dir / case["case"]
     case_dir.mkdir(parents=True, exist_ok=True)
     shape = tuple(ref.shape[:3])

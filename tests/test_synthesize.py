@@ -80,6 +80,37 @@ def test_outputs_on_the_input_grid(tiny: dict, tmp_path: Path) -> None:
     assert not list(out.rglob(".*tmp*"))  # no half-written file left
 
 
+def test_clinical_grid_round_trip(tiny: dict, tmp_path: Path) -> None:
+    """0.45 mm in-plane, 5 mm slices, RAS axis order and an offset origin: resampled to the 1 mm
+    training grid and back; the outputs keep the input's shape and affine, and the brain."""
+    from phs.data.preprocess import fit_intensity
+
+    img, _ = brain_volume(shape=(96, 96, 8), lesion_center=(30, 34, 4), lesion_radius=10)
+    aff = np.diag([0.45, 0.45, 5.0, 1.0])
+    aff[:3, 3] = [-20.0, 30.0, -15.0]
+    src = save(tmp_path / "clinical.nii.gz", img.astype(np.int16), aff)
+    p = synth([f"ckpt_path={tiny['ckpt']}", f"input={src}", f"output={tmp_path / 'o'}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = nib.load(tmp_path / "o" / "clinical" / "pseudo_healthy.nii.gz")
+    assert out.shape == img.shape and np.allclose(out.affine, aff)
+    ph = np.asarray(out.dataobj)
+    brain = img > 0
+    inner = np.zeros_like(brain)
+    inner[20:76, 20:76, 2:6] = True  # away from the resampled edge of the brain
+    assert (ph[brain & inner] > 0).mean() > 0.95  # the brain came back where it was
+    assert (ph[~brain] == 0).all()  # and nothing outside it
+    # at the ends of the brain's extent (outside the trained slab) pseudo_healthy is the input,
+    # resampled there and back: it must match the input, not a mirrored or shifted input
+    fit = fit_intensity(img)
+    norm = np.clip((img - fit.background) / fit.scale, 0, 1)
+    ends = np.nonzero(brain.any(axis=(0, 1)))[0][[0, -1]]
+    for z in ends:
+        b = brain[:, :, z]
+        same = np.corrcoef(ph[:, :, z][b], norm[:, :, z][b])[0, 1]
+        mirrored = np.corrcoef(ph[:, :, z][b], np.flip(norm, 0)[:, :, z][b])[0, 1]
+        assert same > 0.8 and mirrored < 0.3, (z, same, mirrored)
+
+
 @pytest.mark.parametrize(
     ("model", "expected"),
     [
