@@ -315,5 +315,6 @@ def test_trained_model_moves_a_phantom_lesion_towards_the_truth(tmp_path: Path) 
         gains.append(psnr(ph[lesion], truth_l) - psnr(norm(x)[lesion], truth_l))
         mask = np.asarray(nib.load(out / "pathology_mask.nii.gz").dataobj) > 0
         dices.append(2 * (mask & lesion).sum() / (mask.sum() + lesion.sum()))
+    print(f"held-out Dice {np.round(dices, 3)}, PSNR gain in the lesion {np.round(gains, 2)} dB")
     assert min(gains) > 0 and np.mean(gains) > 1.0, gains
     assert min(dices) > 0.3 and np.mean(dices) > 0.45, dices
