@@ -88,6 +88,30 @@ def test_optuna_two_trials(brats_root: Path, tmp_path: Path) -> None:
     assert "best_value" in results and "model.loss.lambda_cc" in results
 
 
+def test_optuna_failing_trial_is_logged_and_the_sweep_goes_on(
+    brats_root: Path, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "optuna_fail"
+    p = train(
+        [
+            "hparams_search=lambda_optuna",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.sampler.n_startup_trials=3",
+            "model.optimizer.lr=choice(-1.0,0.001)",  # a negative rate: Adam refuses it
+            f"hydra.sweep.dir={sweep}",
+            "logger=none",
+        ],
+        tmp_path,
+        brats_root,
+        timeout=900,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Invalid learning rate" in p.stdout + p.stderr  # the failure is reported
+    finished = sorted(d.name for d in sweep.iterdir() if (d / "metrics.json").exists())
+    assert 1 <= len(finished) < 3, finished  # some trials failed, the others completed
+    assert "best_value" in (sweep / "optimization_results.yaml").read_text()
+
+
 def test_submitit_local_runs_a_job(brats_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "submitit"
     p = train(
