@@ -213,7 +213,8 @@ def synthesize_case(
 
 
 def save_preview(path: Path, norm: torch.Tensor, outs: dict[str, torch.Tensor], title: str) -> None:
-    """Three axial slices (the largest predicted lesion, or the middle): input, pseudo-healthy, mask."""
+    """Three axial slices (the largest predicted lesion, or the middle): input with the predicted
+    mask outlined, pseudo-healthy, mask."""
     from phs.callbacks import save_grid
 
     z = norm.shape[-1]
@@ -228,6 +229,7 @@ def save_preview(path: Path, norm: torch.Tensor, outs: dict[str, torch.Tensor], 
         vis["pseudo_healthy"] = outs["pseudo_healthy"][0, :, :, picks].permute(2, 0, 1)[:, None]
     if "mask" in outs:
         vis["mask"] = outs["mask"][0, :, :, picks].permute(2, 0, 1)[:, None]
+        vis["m_p"] = vis["mask"]  # outlined in red on the input (the predicted mask, not a truth)
     tmp = path.with_name(f".{path.name}.tmp.png")
     save_grid(vis, tmp, title)
     os.replace(tmp, path)
