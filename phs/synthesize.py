@@ -55,7 +55,7 @@ def find_inputs(path: str | Path) -> list[dict[str, str]]:
     if not path.exists():
         raise PhsError(f"input '{path}' does not exist")
     if path.is_file() and path.suffix == ".json":
-        return [{"case": r["case"], "image": r["image"]} for r in discover("folder", datalist=path)]
+        return read_image_list(path)
     if path.is_file():
         return [{"case": EXT_RE.sub("", path.name), "image": str(path)}]
     for kind in ("brats", "isles"):
@@ -75,6 +75,39 @@ def find_inputs(path: str | Path) -> list[dict[str, str]]:
     return [
         {"case": EXT_RE.sub("", n), "image": str(p)} for n, p in zip(names, images, strict=True)
     ]
+
+
+def read_image_list(path: Path) -> list[dict[str, str]]:
+    """Images of a JSON datalist: a list, or the ``training``/``validation``/``test``/``testing``
+    lists of a Decathlon-style file (a run's ``datalist.json``, a dataset's ``dataset.json``);
+    entries are paths or ``{"image": ..., "case": ...}``; labels are not needed. Relative paths
+    are relative to the file."""
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PhsError(f"datalist '{path}' is not valid JSON: {err}") from None
+    if isinstance(content, dict):
+        keys = ("training", "validation", "test", "testing")
+        entries = [e for k in keys if isinstance(content.get(k), list) for e in content[k]]
+    else:
+        entries = content if isinstance(content, list) else []
+    cases, seen = [], set()
+    for i, entry in enumerate(entries):
+        image = entry.get("image") if isinstance(entry, dict) else entry
+        if not isinstance(image, str):
+            raise PhsError(f"datalist '{path}': entry {i} names no image")
+        full = (path.parent / image).resolve()
+        case = str(entry.get("case") or "") if isinstance(entry, dict) else ""
+        case = (case or EXT_RE.sub("", full.name)).replace("/", "__")
+        if str(full) in seen:  # a case listed under two keys is synthesized once
+            continue
+        seen.add(str(full))
+        if case in {c["case"] for c in cases}:  # same file name in two folders: keep both
+            case = f"{case}_{i}"
+        cases.append({"case": case, "image": str(full)})
+    if not cases:
+        raise PhsError(f"datalist '{path}' lists no image")
+    return cases
 
 
 def volume_transform(cfg: PreprocessConfig, background: float = 0.0) -> Compose:

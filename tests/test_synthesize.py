@@ -141,6 +141,26 @@ def test_every_method_checkpoint(model: str, expected: set, tiny: dict, tmp_path
         assert np.isfinite(np.asarray(out.dataobj)).all()
 
 
+def test_datalist_input_needs_no_labels(tiny: dict, tmp_path: Path) -> None:
+    """A run's datalist.json or a Decathlon dataset.json (test entries are bare paths)."""
+    a = tiny["root"] / "Brats18_SYN_0_1" / "Brats18_SYN_0_1_flair.nii.gz"
+    b = tiny["root"] / "Brats18_SYN_1_1" / "Brats18_SYN_1_1_flair.nii.gz"
+    listing = tmp_path / "lists" / "dataset.json"
+    listing.parent.mkdir()
+    rel = os.path.relpath(a, listing.parent)
+    listing.write_text(
+        json.dumps({"training": [{"image": rel, "case": "first"}], "test": [str(b)]})
+    )
+    out = tmp_path / "o"
+    p = synth([f"ckpt_path={tiny['ckpt']}", f"input={listing}", f"output={out}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (out / "first" / "pseudo_healthy.nii.gz").exists()
+    assert (out / "Brats18_SYN_1_1_flair" / "pseudo_healthy.nii.gz").exists()
+    listing.write_text(json.dumps({"test": [{"label": str(b)}]}))
+    p = synth([f"ckpt_path={tiny['ckpt']}", f"input={listing}", f"output={out}"], tmp_path)
+    assert p.returncode == 2 and "entry 0 names no image" in p.stderr
+
+
 def test_original_intensity_units(tiny: dict, tmp_path: Path) -> None:
     img = tiny["root"] / "Brats18_SYN_0_1" / "Brats18_SYN_0_1_flair.nii.gz"
     p = synth(
