@@ -123,8 +123,9 @@ def volume_transform(cfg: PreprocessConfig, background: float = 0.0) -> Compose:
             Orientationd(["image"], axcodes=AXCODES, labels=_LABELS),
             Spacingd(["image"], pixdim=cfg.spacing, mode="bilinear", dtype=np.float32),
             CropForegroundd(["image"], source_key="image", select_fn=brain, allow_smaller=True),
-            # = ResizeWithPadOrCropd of training, as two steps whose inverses MONAI applies cleanly
-            SpatialPadd(["image"], spatial_size=(h, w, -1)),
+            # = ResizeWithPadOrCropd of training, as two steps whose inverses MONAI applies cleanly;
+            # padded with the background level: after the intensity mapping it is 0, as in training
+            SpatialPadd(["image"], spatial_size=(h, w, -1), value=float(background)),
             CenterSpatialCropd(["image"], roi_size=(h, w, -1)),
         ]
     )

@@ -141,6 +141,28 @@ def test_every_method_checkpoint(model: str, expected: set, tiny: dict, tmp_path
         assert np.isfinite(np.asarray(out.dataobj)).all()
 
 
+def test_padding_is_background_for_a_z_scored_volume() -> None:
+    """A z-scored scan's background is negative: the pad around a small brain must be that
+    background (0 after the intensity mapping, as the networks saw in training), not 0."""
+    from monai.data import MetaTensor
+
+    from phs.data.preprocess import PreprocessConfig, fit_intensity
+    from phs.synthesize import volume_transform
+
+    img, _ = brain_volume(shape=(30, 30, 20))
+    brain = img > 0
+    z = np.where(brain, (img - img[brain].mean()) / img[brain].std(), -3.5).astype(np.float32)
+    fit = fit_intensity(z)
+    assert fit.background == pytest.approx(-3.5)
+    pre = PreprocessConfig.from_dict({"slice_size": [40, 32], "n_slices": 16})
+    geo = volume_transform(pre, fit.background)({"image": MetaTensor(z[None], affine=np.eye(4))})
+    x = np.asarray(geo["image"][0])
+    assert x.shape[:2] == (40, 32)
+    assert x[0].min() == pytest.approx(-3.5) and x[0].max() == pytest.approx(-3.5)  # padded rows
+    norm = np.clip((x - fit.background) / fit.scale, 0, 1)
+    assert norm[0].max() == 0 and norm[:, 0].max() == 0
+
+
 def test_datalist_input_needs_no_labels(tiny: dict, tmp_path: Path) -> None:
     """A run's datalist.json or a Decathlon dataset.json (test entries are bare paths)."""
     a = tiny["root"] / "Brats18_SYN_0_1" / "Brats18_SYN_0_1_flair.nii.gz"
