@@ -91,20 +91,21 @@ def read_image_list(path: Path) -> list[dict[str, str]]:
         entries = [e for k in keys if isinstance(content.get(k), list) for e in content[k]]
     else:
         entries = content if isinstance(content, list) else []
-    cases, seen = [], set()
+    cases: list[dict[str, str]] = []
+    seen: set[str] = set()  # images and case names already taken
     for i, entry in enumerate(entries):
         image = entry.get("image") if isinstance(entry, dict) else entry
         if not isinstance(image, str):
             raise PhsError(f"datalist '{path}': entry {i} names no image")
-        full = (path.parent / image).resolve()
-        case = str(entry.get("case") or "") if isinstance(entry, dict) else ""
-        case = (case or EXT_RE.sub("", full.name)).replace("/", "__")
-        if str(full) in seen:  # a case listed under two keys is synthesized once
+        full = str((path.parent / image).resolve())
+        if full in seen:  # a case listed under two keys is synthesized once
             continue
-        seen.add(str(full))
-        if case in {c["case"] for c in cases}:  # same file name in two folders: keep both
+        case = entry.get("case") if isinstance(entry, dict) else None
+        case = str(case).replace("/", "__") if case else EXT_RE.sub("", Path(full).name)
+        if case in seen:  # same file name in two folders: keep both
             case = f"{case}_{i}"
-        cases.append({"case": case, "image": str(full)})
+        seen.update((full, case))
+        cases.append({"case": case, "image": full})
     if not cases:
         raise PhsError(f"datalist '{path}' lists no image")
     return cases
@@ -198,7 +199,7 @@ def synthesize_case(
     fit = fit_intensity(np.asarray(x[0]), pre.normalize, pre.percentile)
     transform = volume_transform(pre, fit.background)
     geo = transform({"image": x})["image"]  # oriented, resampled, cropped (still in input units)
-    norm = ((geo - fit.background) / fit.scale).clamp(0, 1)
+    norm = fit.apply(geo)
     outs = run_slices(model, norm, cfg.batch_size, device)
     # the networks only ever saw brain slices on a zero background: keep their output to the brain
     brain = (norm.as_tensor() > 0).float()
@@ -224,7 +225,7 @@ def synthesize_case(
         back[name] = np.asarray(transform.inverse({"image": mt})["image"][0])
     # resampling back blurs the brain's edge into the background: on the input's own grid, too,
     # everything outside the brain is the input (pseudo_healthy) or nothing (residual, prob)
-    x_norm = np.clip((np.asarray(x[0], np.float32) - fit.background) / fit.scale, 0, 1)
+    x_norm = fit.apply(np.asarray(x[0], np.float32))
     inside = x_norm > 0
     for name in back:
         back[name] = np.where(inside, back[name], x_norm if name == "pseudo_healthy" else 0)

@@ -30,9 +30,12 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in (cfg or {}).values() if c and "_target_" in c]
 
 
-def write_metrics(out_dir: Path, model: PHSMethod) -> dict[str, Any]:
-    """``metrics.json`` ({metric: {mean, std, n}}, spread over test slices) and the per-slice CSV."""
-    summary = model.test_summary()
+def write_metrics(
+    out_dir: Path, model: PHSMethod, summary: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``metrics.json`` ({metric: {mean, std, n}}, spread over test slices) and the per-slice CSV.
+    ``summary`` is ``model.test_summary()`` when already computed (under DDP every rank must)."""
+    summary = model.test_summary() if summary is None else summary
     clean = {
         k: {kk: (None if isinstance(vv, float) and math.isnan(vv) else vv) for kk, vv in v.items()}
         for k, v in summary.items()
@@ -85,13 +88,13 @@ def train(cfg: DictConfig) -> float | None:
     score = trainer.callback_metrics.get(cfg.get("optimized_metric") or model.monitor[0])
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule)
-        metrics = model.test_summary()  # gathered over ranks; one rank writes the files
-        if trainer.is_global_zero:
-            metrics = write_metrics(out_dir, model)
-        log.info(
-            "test metrics: %s",
-            {k: round(v["mean"], 4) for k, v in metrics.items() if v["mean"] is not None},
-        )
+        summary = model.test_summary()  # a collective under DDP: every rank computes it
+        if trainer.is_global_zero:  # one rank writes the files
+            metrics = write_metrics(out_dir, model, summary)
+            log.info(
+                "test metrics: %s",
+                {k: round(v["mean"], 4) for k, v in metrics.items() if v["mean"] is not None},
+            )
     print(f"run folder: {out_dir}")
     return float(score) if score is not None else None
 

@@ -68,19 +68,20 @@ def test_multirun_two_jobs_two_folders(brats_root: Path, tmp_path: Path) -> None
         )
 
 
+def optuna(sweep: Path, tmp_path: Path, root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """The loss-weight search on the tiny data, in ``sweep``."""
+    args = ["hparams_search=lambda_optuna", *overrides, f"hydra.sweep.dir={sweep}", "logger=none"]
+    return train(args, tmp_path, root, timeout=900)
+
+
 def test_optuna_two_trials(brats_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "optuna"
-    p = train(
-        [
-            "hparams_search=lambda_optuna",
-            "hydra.sweeper.n_trials=2",
-            "hydra.sweeper.sampler.n_startup_trials=1",
-            f"hydra.sweep.dir={sweep}",
-            "logger=none",
-        ],
+    p = optuna(
+        sweep,
         tmp_path,
         brats_root,
-        timeout=900,
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=1",
     )
     assert p.returncode == 0, p.stderr[-2000:]
     assert (sweep / "0" / "metrics.json").exists() and (sweep / "1" / "metrics.json").exists()
@@ -92,18 +93,13 @@ def test_optuna_failing_trial_is_logged_and_the_sweep_goes_on(
     brats_root: Path, tmp_path: Path
 ) -> None:
     sweep = tmp_path / "optuna_fail"
-    p = train(
-        [
-            "hparams_search=lambda_optuna",
-            "hydra.sweeper.n_trials=3",
-            "hydra.sweeper.sampler.n_startup_trials=3",
-            "model.optimizer.lr=choice(-1.0,0.001)",  # a negative rate: Adam refuses it
-            f"hydra.sweep.dir={sweep}",
-            "logger=none",
-        ],
+    p = optuna(
+        sweep,
         tmp_path,
         brats_root,
-        timeout=900,
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.n_startup_trials=3",
+        "model.optimizer.lr=choice(-1.0,0.001)",  # a negative rate: Adam refuses it
     )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "Invalid learning rate" in p.stdout + p.stderr  # the failure is reported

@@ -90,6 +90,11 @@ class Intensity:
     scale: float
     extra: dict = field(default_factory=dict)
 
+    def apply(self, x: Any) -> Any:
+        """``x`` (array or tensor, stored units) mapped to [0, 1]."""
+        y = (x - self.background) / self.scale
+        return y.clamp(0.0, 1.0) if isinstance(y, torch.Tensor) else np.clip(y, 0.0, 1.0)
+
 
 def background_level(x: np.ndarray, min_fraction: float = 0.05) -> float:
     """The constant value outside the brain of a skull-stripped volume.
@@ -141,7 +146,7 @@ class BackgroundAwareScaled(MapTransform):
         ref = d[self.keys[0]]
         fit = fit_intensity(np.asarray(ref[0]), self.method, self.percentile)
         for key in self.key_iterator(d):
-            d[key] = ((d[key] - fit.background) / fit.scale).clamp_(0.0, 1.0)
+            d[key] = fit.apply(d[key])
         d["intensity"] = {"background": fit.background, "scale": fit.scale}
         return d
 
