@@ -78,6 +78,7 @@ def test_outputs_on_the_input_grid(tiny: dict, tmp_path: Path) -> None:
         assert (case_dir / "preview.png").exists()
     assert len(list(out.glob("Brats18_SYN_*"))) == 4
     assert not list(out.rglob(".*tmp*"))  # no half-written file left
+    assert not (tmp_path / "synthesize.log").exists()  # nothing dropped in the working folder
 
 
 def test_clinical_grid_round_trip(tiny: dict, tmp_path: Path) -> None:
