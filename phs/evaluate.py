@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from phs.checkpoint import load_method
 from phs.cli import friendly_errors
+from phs.errors import PhsError
 from phs.train import write_metrics
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,19 @@ def evaluate_checkpoint(
     data: DictConfig | None,
     out_dir: Path,
     accelerator: str = "auto",
+    split: str = "test",
 ) -> dict[str, Any]:
-    """Test one checkpoint (with f_pre when given); write and return its metrics."""
+    """Test one checkpoint (with f_pre when given) on ``split`` (``test`` or ``validation``);
+    write and return its metrics."""
+    split = {"val": "validation"}.get(split, split)
+    if split not in ("test", "validation"):
+        raise PhsError(f"split must be 'test' or 'validation', not '{split}'")
     model, run_cfg = load_method(ckpt_path)
     if segmentor_ckpt:
         f_pre, _ = load_method(segmentor_ckpt)
         model.attach_f_pre(f_pre.S)
     datamodule = hydra.utils.instantiate(data_config(run_cfg, data, out_dir))
+    datamodule.test_split = split
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -63,7 +70,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     metrics = evaluate_checkpoint(
-        cfg.ckpt_path, cfg.segmentor_ckpt, cfg.get("data"), out_dir, cfg.accelerator
+        cfg.ckpt_path, cfg.segmentor_ckpt, cfg.get("data"), out_dir, cfg.accelerator, cfg.split
     )
     for name, m in metrics.items():
         std = "" if m["std"] is None else f" ± {m['std']:.4f}"

@@ -10,13 +10,41 @@ the standard scale weights (Wang et al. 2003) truncated and renormalised to sum 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as _ms_ssim
 
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+F = TypeVar("F", bound=Callable)
+
+
+def fp32(fn: F) -> F:
+    """Run ``fn`` in float32 with autocast off, whatever the caller's precision.
+
+    The test stage runs inside the trainer's autocast; under bf16 the SSIM convolutions would
+    run in bf16 and identity could exceed 1 (measured up to 1.14). Floating tensor arguments
+    are cast to float32 as well."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        def cast(v):
+            return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+        args = tuple(cast(a) for a in args)
+        kwargs = {k: cast(v) for k, v in kwargs.items()}
+        devices = {a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+        with contextlib.ExitStack() as stack:
+            for dev in devices or {"cpu"}:
+                stack.enter_context(torch.autocast(dev, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def ms_ssim_scales(height: int, width: int, kernel_size: int = 11) -> int:
@@ -31,6 +59,7 @@ def ms_ssim_scales(height: int, width: int, kernel_size: int = 11) -> int:
     )
 
 
+@fp32
 def ms_ssim(x: torch.Tensor, y: torch.Tensor, kernel_size: int = 11) -> torch.Tensor:
     """Per-image MS-SSIM ``[B]`` with data range 1 and the scale rule in the module docstring."""
     n = ms_ssim_scales(x.shape[-2], x.shape[-1], kernel_size)
@@ -44,12 +73,14 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor, kernel_size: int = 11) -> torch.Te
     )
 
 
+@fp32
 def identity(x_ph: torch.Tensor, x_p: torch.Tensor, m_p: torch.Tensor) -> torch.Tensor:
     """The paper's 'identity': MS-SSIM outside the pathology mask, per slice ``[B]``."""
     keep = 1.0 - (m_p > 0.5).float()
     return ms_ssim(keep * x_ph, keep * x_p)
 
 
+@fp32
 def masked_psnr(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """PSNR (data range 1) over the pixels where ``region`` is set, per slice; NaN if empty."""
     region = region.float()
@@ -59,6 +90,7 @@ def masked_psnr(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch
     return torch.where(n > 0, psnr, torch.full_like(psnr, math.nan))
 
 
+@fp32
 def masked_mae(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """Mean absolute error over ``region``, per slice; NaN if empty."""
     region = region.float()
@@ -67,6 +99,7 @@ def masked_mae(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch.
     return torch.where(n > 0, mae, torch.full_like(mae, math.nan))
 
 
+@fp32
 def dice(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Hard Dice per slice (1 when both are empty)."""
     p, t = (pred > threshold).flatten(1).float(), (target > 0.5).flatten(1).float()
@@ -74,6 +107,7 @@ def dice(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> to
     return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
 
 
+@fp32
 def ground_truth_metrics(
     x_ph: torch.Tensor, x_gt: torch.Tensor, m_p: torch.Tensor, x_p: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
@@ -121,6 +155,7 @@ class AnomalyDetection:
         self.curve = BinaryPrecisionRecallCurve(thresholds=thresholds)
         self.n = 0
 
+    @fp32
     def update(
         self, score: torch.Tensor, target: torch.Tensor, region: torch.Tensor | None = None
     ) -> None:

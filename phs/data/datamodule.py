@@ -261,6 +261,7 @@ class PHSDataModule(pl.LightningDataModule):
         self.splits: dict[str, list[dict]] | None = None
         self.skipped: list[dict] = []
         self.stores: dict[str, SliceStore] = {}
+        self.test_split = "test"  # the split the test stage evaluates ("validation" to tune)
 
     # -- preparation -------------------------------------------------------------------------
     def _ensure_phantom(self) -> None:
@@ -381,4 +382,4 @@ class PHSDataModule(pl.LightningDataModule):
         return self._eval("validation")
 
     def test_dataloader(self) -> DataLoader | list:
-        return self._eval("test")
+        return self._eval(self.test_split)

@@ -7,6 +7,14 @@ R: (image, mask) -> pathological image. Two cycles (Sec. 3.3):
 Losses (Sec. 3.4, 4.1):
   paired:   L = l1 * L_CC + l2 * L_GAN1 + l3 * L_Seg     (10, 1, 10)
   unpaired: L = l1 * L_CC + l2 * L_GAN1 + l3 * L_GAN2    (10, 2, 10)
+
+Options beyond the paper (all off by default in the paper's configuration):
+  mask_blend:          the pseudo-healthy image is S(x) * G(x) + (1 - S(x)) * x: G's output
+                       replaces the input only where S sees pathology.
+  cycle_detach_lesion: in cycle P-H, R receives G(x_p) with the gradient into G stopped inside
+                       the lesion (the true mask when paired, S's when unpaired), so L_CC cannot
+                       reward G for leaving lesion traces for R to rebuild from.
+  seg_loss:            "dice" (the paper's L_Seg) or "dice_bce" (Dice + binary cross-entropy).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from phs.losses import Adversarial, dice_loss, l1
@@ -41,8 +50,18 @@ class ProposedPaired(PHSMethod):
         n_critic: int = 5,
         n_critic_warmup: int = 10,
         warmup_epochs: int = 25,
+        mask_blend: bool = False,
+        cycle_detach_lesion: bool = False,
+        seg_loss: str = "dice",
     ) -> None:
         super().__init__(optimizer, optimizer_d)
+        if seg_loss not in ("dice", "dice_bce"):
+            raise ValueError(f"seg_loss must be 'dice' or 'dice_bce', not '{seg_loss}'")
+        self.mask_blend, self.cycle_detach_lesion, self.seg_loss = (
+            mask_blend,
+            cycle_detach_lesion,
+            seg_loss,
+        )
         self.G, self.S, self.R, self.D_x = generator, segmentor, reconstructor, discriminator
         lam = loss_weights(loss, {"lambda_cc": 10.0, "lambda_gan": 1.0, "lambda_seg": 10.0})
         self.lambda_cc, self.lambda_gan, self.lambda_seg = (
@@ -60,34 +79,56 @@ class ProposedPaired(PHSMethod):
 
     # -- inference --------------------------------------------------------------------------------
     def synthesize(self, x_p: torch.Tensor) -> dict[str, torch.Tensor]:
-        x_ph, m_ph = self.G(x_p), self.S(x_p)
+        x_ph, m_ph = self.factorize(x_p)
         return {
             "pseudo_healthy": x_ph,
             "mask": m_ph,
             "reconstruction": self.R(torch.cat([x_ph, m_ph], 1)),
         }
 
+    def factorize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pseudo-healthy image G(x) and the pathology mask S(x) (``mask_blend``: G's output
+        only where S sees pathology, the input elsewhere)."""
+        x_ph, m = self.G(x), self.S(x)
+        if self.mask_blend:
+            x_ph = m * x_ph + (1 - m) * x
+        return x_ph, m
+
     # -- the losses -------------------------------------------------------------------------------
     def fakes(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Both cycles."""
         x_p, x_h = batch["x_p"], batch["x_h"]
         m_h = torch.zeros_like(x_h)  # the null 'healthy' mask
-        x_ph, m_ph = self.G(x_p), self.S(x_p)  # cycle P-H
-        x_rec = self.R(torch.cat([x_ph, m_ph], 1))
+        x_ph, m_ph = self.factorize(x_p)  # cycle P-H
+        x_ph_cycle = x_ph
+        if self.cycle_detach_lesion:
+            lesion = self.lesion(batch, m_ph).to(x_ph.dtype)
+            x_ph_cycle = lesion * x_ph.detach() + (1 - lesion) * x_ph
+        x_rec = self.R(torch.cat([x_ph_cycle, m_ph], 1))
         x_hh = self.R(torch.cat([x_h, m_h], 1))  # cycle H-H
+        x_hh_rec, m_hh_rec = self.factorize(x_hh)
         return {
             "x_ph": x_ph,
             "m_ph": m_ph,
             "x_rec": x_rec,
             "x_hh": x_hh,
             "m_h": m_h,
-            "x_hh_rec": self.G(x_hh),
-            "m_hh_rec": self.S(x_hh),
+            "x_hh_rec": x_hh_rec,
+            "m_hh_rec": m_hh_rec,
         }
 
+    def lesion(self, batch: dict[str, Any], m_ph: torch.Tensor) -> torch.Tensor:
+        """Where the lesion is, for ``cycle_detach_lesion``: the annotated mask (paired)."""
+        return (batch["m_p"] > 0.5).float()
+
     def segmentation_loss(self, m_ph: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """L_Seg: Dice between S(x_p) and its annotated mask."""
-        return self.dice(m_ph, batch["m_p"])
+        """L_Seg: Dice between S(x_p) and its annotated mask (+ BCE with ``dice_bce``)."""
+        loss = self.dice(m_ph, batch["m_p"])
+        if self.seg_loss == "dice_bce":
+            with torch.autocast(m_ph.device.type, enabled=False):
+                p = m_ph.float().clamp(1e-6, 1 - 1e-6)
+                loss = loss + F.binary_cross_entropy(p, (batch["m_p"] > 0.5).float())
+        return loss
 
     def generator_loss(
         self, batch: dict[str, Any], c: dict[str, torch.Tensor]
@@ -153,6 +194,10 @@ class ProposedUnpaired(ProposedPaired):
     ) -> None:
         super().__init__(*args, loss={"lambda_gan": 2.0, **(loss or {})}, **kwargs)
         self.D_m = mask_discriminator
+
+    def lesion(self, batch: dict[str, Any], m_ph: torch.Tensor) -> torch.Tensor:
+        """No annotation when unpaired: S's own mask."""
+        return (m_ph.detach() > 0.5).float()
 
     def segmentation_loss(self, m_ph: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """L_GAN2 (generator side): S's masks should look like real masks to D_m."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+SKIP_EPS = 1e-3  # the input is clamped to [eps, 1 - eps] before its logit (skip=True)
+
 
 def _conv(
     cin: int, cout: int, k: int, stride: int = 1, act: nn.Module | None = None
@@ -44,6 +46,12 @@ class ResnetGenerator(nn.Module):
     which take one channel; a second output channel would be unused, so R outputs one.
     Upsampling is nearest + reflection-padded conv (no transposed conv: no checkerboard).
     Input height and width must be divisible by ``2 ** n_down``.
+
+    ``skip=True`` (beyond the paper) outputs ``sigmoid(logit(x_0) + f(x))``, ``x_0`` the input
+    image (first channel): the network predicts a change of the input in logit space. The plain
+    network normalises its first layer's features per image, so it cannot see the subject's
+    brightness (``G(a x) == G(x)``); with the skip the output follows a global gain of the input
+    and healthy tissue needs no re-synthesis.
     """
 
     def __init__(
@@ -53,9 +61,10 @@ class ResnetGenerator(nn.Module):
         features: int = 32,
         n_down: int = 2,
         n_res: int = 6,
+        skip: bool = False,
     ) -> None:
         super().__init__()
-        self.n_down = n_down
+        self.n_down, self.skip = n_down, skip
         layers: list[nn.Module] = [_conv(in_channels, features, 7)]
         ch = features
         for _ in range(n_down):
@@ -65,11 +74,15 @@ class ResnetGenerator(nn.Module):
         for _ in range(n_down):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), _conv(ch, ch // 2, 3)]
             ch //= 2
-        layers += [nn.ReflectionPad2d(1), nn.Conv2d(ch, out_channels, 3), nn.Sigmoid()]
+        layers += [nn.ReflectionPad2d(1), nn.Conv2d(ch, out_channels, 3)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = 2**self.n_down
         if x.shape[-1] % m or x.shape[-2] % m:
             raise ValueError(f"input size {tuple(x.shape[-2:])} must be divisible by {m}")
-        return self.net(x)
+        logits = self.net(x)
+        if self.skip:
+            x0 = x[:, :1].float().clamp(SKIP_EPS, 1 - SKIP_EPS)
+            logits = logits + torch.logit(x0).to(logits.dtype)
+        return torch.sigmoid(logits)

@@ -1,0 +1,166 @@
+"""What makes pseudo-healthy images hold up: fp32 metrics, a gain-following generator, the
+mask-aware output, the cycle's stopped gradient, and healthy tissue left alone after training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+
+from phs import metrics
+from phs.nets import ResnetGenerator
+from phs.phantom import ensure_phantom
+from phs.train import train
+
+
+def _pair(seed: int = 0, shape: tuple[int, int] = (104, 80)) -> tuple[torch.Tensor, ...]:
+    """A smooth 'brain' image, a near copy of it and a lesion mask."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(
+        torch.linspace(-1, 1, shape[0]), torch.linspace(-1, 1, shape[1]), indexing="ij"
+    )
+    brain = ((yy / 0.9) ** 2 + (xx / 0.8) ** 2 <= 1).float()
+    x = brain * (0.5 + 0.2 * torch.sin(6 * yy) * torch.cos(5 * xx))
+    x = x + brain * 0.05 * torch.rand(shape, generator=g)
+    y = (x + brain * 0.01 * torch.randn(shape, generator=g)).clamp(0, 1)
+    m = (((yy - 0.2) / 0.2) ** 2 + ((xx + 0.1) / 0.25) ** 2 <= 1).float()
+    return (
+        x[None, None].repeat(3, 1, 1, 1),
+        y[None, None].repeat(3, 1, 1, 1),
+        m[None, None].repeat(3, 1, 1, 1),
+    )
+
+
+def test_metrics_are_fp32_under_autocast() -> None:
+    """bf16 autocast (the test stage under bf16-mixed) must not change any metric."""
+    x, y, m = _pair()
+    plain = {
+        "identity": metrics.identity(y, x, m),
+        **metrics.ground_truth_metrics(y, x, m, y),
+        "dice": metrics.dice(y, m),
+    }
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = {
+            "identity": metrics.identity(y, x, m),
+            **metrics.ground_truth_metrics(y, x, m, y),
+            "dice": metrics.dice(y, m),
+        }
+        also_bf16_inputs = metrics.identity(y.bfloat16(), x.bfloat16(), m)
+    for k in plain:
+        assert auto[k].dtype == torch.float32, k
+        torch.testing.assert_close(auto[k], plain[k], rtol=0, atol=1e-6, msg=k)
+    assert (plain["identity"] <= 1.0).all() and (plain["identity"] > 0.9).all()
+    assert (also_bf16_inputs <= 1.0 + 1e-6).all()
+
+
+def test_identity_never_exceeds_one_for_near_copies() -> None:
+    for seed in range(5):
+        x, y, m = _pair(seed)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert float(metrics.identity(y, x, m).max()) <= 1.0
+
+
+def _gain_ratio(net: torch.nn.Module, x: torch.Tensor, gain: float = 0.6) -> float:
+    brain = x > 0
+    with torch.no_grad():
+        return float(net(gain * x)[brain].mean() / net(x)[brain].mean())
+
+
+def test_skip_generator_follows_a_global_gain_and_the_plain_one_does_not() -> None:
+    """The plain generator normalises its first features per image, so it cannot see brightness:
+    G(0.6 x) == G(x). With the skip its output follows the input's gain."""
+    x = _pair()[0][:1]
+    torch.manual_seed(0)
+    plain = ResnetGenerator(features=8, n_res=2, skip=False).eval()
+    torch.manual_seed(0)
+    skip = ResnetGenerator(features=8, n_res=2, skip=True).eval()
+    assert abs(_gain_ratio(plain, x) - 1.0) < 0.02
+    assert abs(_gain_ratio(skip, x) - 0.6) < 0.08
+
+
+def _tiny_cfg(tmp_path: Path, root: Path | None = None, *overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[
+                "data=synthetic_brats",
+                *([f"data.root={root}"] if root else []),
+                "data.phantom.n_volumes=6",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                "data.preprocess.spacing=[4.0,4.0,4.0]",
+                "data.preprocess.slice_size=[48,40]",
+                "data.preprocess.n_slices=8",
+                "data.progress=false",
+                "net.width=8",
+                "net.n_res=2",
+                "net.seg_depth=3",
+                "net.d_layers=2",
+                "trainer.accelerator=cpu",
+                "trainer.enable_progress_bar=false",
+                "~callbacks.progress_bar",
+                "logger=none",
+                f"paths.output_dir={tmp_path / 'run'}",
+                *overrides,
+            ],
+        )
+
+
+def test_mask_blend_keeps_the_input_where_s_sees_no_pathology(tmp_path: Path) -> None:
+    cfg = _tiny_cfg(tmp_path, tmp_path / "unused", "model.mask_blend=true")
+    model = hydra.utils.instantiate(cfg.model).eval()
+    x = _pair(shape=(48, 40))[0]
+    with torch.no_grad():
+        model.S.head.bias.fill_(-30.0)  # S: nothing anywhere -> the input itself
+        torch.testing.assert_close(model.synthesize(x)["pseudo_healthy"], x, atol=1e-6, rtol=0)
+        model.S.head.bias.fill_(30.0)  # S: pathology everywhere -> G's image
+        torch.testing.assert_close(
+            model.synthesize(x)["pseudo_healthy"], model.G(x), atol=1e-6, rtol=0
+        )
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_cycle_gradient_into_g_inside_the_lesion(tmp_path: Path, detach: bool) -> None:
+    """With cycle_detach_lesion, L_CC sends no gradient into G(x_p) inside the true lesion."""
+    cfg = _tiny_cfg(tmp_path, tmp_path / "unused", f"model.cycle_detach_lesion={detach}")
+    model = hydra.utils.instantiate(cfg.model)
+    x, _, m = _pair(shape=(48, 40))
+    batch = {"x_p": x, "m_p": m, "x_h": x.flip(-1)}
+    x_ph = model.G(x)
+    model.G = _Fixed(x_ph)  # the same G(x_p) tensor comes back, so its gradient can be read
+    c = model.fakes(batch)
+    cc_ph = model.generator_loss(batch, c)["cc_ph"]
+    (grad,) = torch.autograd.grad(cc_ph, x_ph, retain_graph=True)
+    inside, outside = grad[m > 0.5].abs().sum(), grad[m < 0.5].abs().sum()
+    assert outside > 0
+    assert (inside == 0) if detach else (inside > 0)
+
+
+class _Fixed(torch.nn.Module):
+    """Returns a given tensor for the first call, then runs the wrapped generator's copy."""
+
+    def __init__(self, first: torch.Tensor) -> None:
+        super().__init__()
+        self.first = first
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.first if self.calls == 1 else x
+
+
+def test_short_training_leaves_healthy_tissue_close_to_the_truth(tmp_path: Path) -> None:
+    """A tiny proposed (paired) model at the defaults, 300 steps on a 6-volume phantom: healthy
+    tissue of the test volumes comes back close to the true healthy image (PSNR outside the
+    lesion), and the lesion moves towards the truth."""
+    root = ensure_phantom(tmp_path / "ph", n_volumes=6, kind="brats", seed=3, progress=False)
+    cfg = _tiny_cfg(tmp_path, root, "data.split.test_fraction=0.34", "trainer.max_steps=300")
+    train(cfg)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    print({k: round(v["mean"], 3) for k, v in m.items() if v["mean"] is not None})
+    assert m["psnr_outside"]["mean"] > 30.0
+    assert m["psnr_lesion"]["mean"] > m["psnr_lesion_input"]["mean"]
