@@ -83,8 +83,9 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     unknown = [v for v in chosen if v not in variants]
     if unknown:
         raise PhsError(f"unknown variant(s) {unknown}; conf/ablate.yaml has {sorted(variants)}")
-    data_choice = HydraConfig.get().runtime.choices["data"]
-    base = [f"data={data_choice}", f"seed={cfg.seed}", *cfg.base]
+    hc = HydraConfig.get()
+    data_overrides = [o for o in hc.overrides.task if o.startswith("data.")]
+    base = [f"data={hc.runtime.choices['data']}", *data_overrides, f"seed={cfg.seed}", *cfg.base]
     common = list(cfg.common)  # last: it may override a variant (e.g. a smoke-test size)
     rows: dict[str, dict[str, Any]] = {}
     for name in chosen:

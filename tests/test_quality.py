@@ -111,7 +111,7 @@ def _tiny_cfg(tmp_path: Path, root: Path | None = None, *overrides: str):
 
 
 def test_mask_blend_keeps_the_input_where_s_sees_no_pathology(tmp_path: Path) -> None:
-    cfg = _tiny_cfg(tmp_path, tmp_path / "unused", "model.mask_blend=true")
+    cfg = _tiny_cfg(tmp_path, tmp_path / "unused", "options.mask_blend=true")
     model = hydra.utils.instantiate(cfg.model).eval()
     x = _pair(shape=(48, 40))[0]
     with torch.no_grad():
@@ -126,7 +126,7 @@ def test_mask_blend_keeps_the_input_where_s_sees_no_pathology(tmp_path: Path) ->
 @pytest.mark.parametrize("detach", [False, True])
 def test_cycle_gradient_into_g_inside_the_lesion(tmp_path: Path, detach: bool) -> None:
     """With cycle_detach_lesion, L_CC sends no gradient into G(x_p) inside the true lesion."""
-    cfg = _tiny_cfg(tmp_path, tmp_path / "unused", f"model.cycle_detach_lesion={detach}")
+    cfg = _tiny_cfg(tmp_path, tmp_path / "unused", f"options.cycle_detach_lesion={detach}")
     model = hydra.utils.instantiate(cfg.model)
     x, _, m = _pair(shape=(48, 40))
     batch = {"x_p": x, "m_p": m, "x_h": x.flip(-1)}
@@ -164,3 +164,22 @@ def test_short_training_leaves_healthy_tissue_close_to_the_truth(tmp_path: Path)
     print({k: round(v["mean"], 3) for k, v in m.items() if v["mean"] is not None})
     assert m["psnr_outside"]["mean"] > 30.0
     assert m["psnr_lesion"]["mean"] > m["psnr_lesion_input"]["mean"]
+
+
+@pytest.mark.parametrize("hh_masks", ["empty", "real"])
+def test_hh_cycle_mask_and_what_d_x_judges(tmp_path: Path, hh_masks: str) -> None:
+    """hh_masks=real: R gets a real mask from another volume in cycle H-H, G and S must undo it,
+    and R's output (now pathological) is no longer shown to D_x as a would-be healthy image."""
+    cfg = _tiny_cfg(tmp_path, tmp_path / "unused", f"options.hh_masks={hh_masks}")
+    model = hydra.utils.instantiate(cfg.model)
+    x, _, m = _pair(shape=(48, 40))
+    batch = {"x_p": x, "m_p": m, "x_h": x.flip(-1), "m_real": m.flip(-2)}
+    seen, judged = [], []
+    model.R.register_forward_hook(lambda mod, inp, out: seen.append(inp[0][:, 1].detach()))
+    model.D_x.register_forward_hook(lambda mod, inp, out: judged.append(inp[0]))
+    c = model.fakes(batch)
+    want = batch["m_real"][:, 0] if hh_masks == "real" else torch.zeros_like(x[:, 0])
+    assert torch.equal(seen[1], want)
+    model.generator_loss(batch, c)
+    assert len(judged) == (1 if hh_masks == "real" else 2)
+    assert c["x_hh_rec"].requires_grad

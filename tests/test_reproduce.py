@@ -88,3 +88,44 @@ def test_evaluate_bad_checkpoint_is_one_line(tmp_path: Path) -> None:
         ["phs.evaluate", f"ckpt_path={bad}", f"hydra.run.dir={tmp_path / 'e'}"], tmp_path, tmp_path
     )
     assert p.returncode == 2 and "Traceback" not in p.stderr and "x.ckpt" in p.stderr
+
+
+def test_ablate_trains_each_variant_and_reports_validation_metrics(
+    brats_root: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "abl"
+    common = "[" + ",".join(f"'{o}'" for o in [*TINY, "logger=none"]) + "]"
+    args = [
+        "phs.ablate",
+        "data=brats",
+        f"data.root={brats_root}",
+        "data.split.test_fraction=0.2",
+        "data.split.val_fraction=0.25",
+        f"common={common}",
+        f"hydra.run.dir={out}",
+    ]
+    p = _run([*args, "run=[paper,d3]"], tmp_path, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((out / "ablation.json").read_text())
+    assert result["split"] == "validation"
+    assert list(result["results"]) == ["paper", "d3"]
+    for name in ("paper", "d3"):
+        m = result["results"][name]
+        assert {"identity", "healthiness", "psnr_outside", "anomaly_residual_auprc"} <= set(m)
+        assert m["minutes"] > 0
+    # the evaluation ran on the validation volumes, not the test ones
+    split = json.loads((out / "d3" / "eval" / "datalist.json").read_text())
+    val_cases = {e["case"] for e in split["validation"]}
+    with open(out / "d3" / "eval" / "test_metrics.csv") as f:
+        assert {line.split(",")[0] for line in list(f)[1:]} <= val_cases
+    # the two normalisations got their own f_pre
+    assert len(list(out.glob("f_pre-*"))) == 2
+    assert "| paper |" in (out / "ablation.md").read_text()
+    # a second run reuses every finished training
+    p = _run([*args, "run=[d3]"], tmp_path, tmp_path)
+    assert p.returncode == 0 and "reusing" in p.stdout + p.stderr
+
+
+def test_ablate_unknown_variant_is_a_one_line_error(tmp_path: Path) -> None:
+    p = _run(["phs.ablate", "run=[nope]", f"hydra.run.dir={tmp_path / 'x'}"], tmp_path, tmp_path)
+    assert p.returncode == 2 and "unknown variant" in p.stderr

@@ -15,6 +15,12 @@ Options beyond the paper (all off by default in the paper's configuration):
                        the lesion (the true mask when paired, S's when unpaired), so L_CC cannot
                        reward G for leaving lesion traces for R to rebuild from.
   seg_loss:            "dice" (the paper's L_Seg) or "dice_bce" (Dice + binary cross-entropy).
+  hh_masks:            "empty" (the paper: cycle H-H feeds R an empty mask) or "real": R puts a
+                       lesion on the healthy slice along a real mask from another volume, and
+                       G must take it away again (L1 to x_h) while S finds it (L1 to the mask):
+                       a self-supervised pair for G. R's output is then pathological, so it
+                       leaves L_GAN1 (D_x judges only G(x_p)), and the pair trains G and S only
+                       (R's output is detached there).
 """
 
 from __future__ import annotations
@@ -53,14 +59,18 @@ class ProposedPaired(PHSMethod):
         mask_blend: bool = False,
         cycle_detach_lesion: bool = False,
         seg_loss: str = "dice",
+        hh_masks: str = "empty",
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         if seg_loss not in ("dice", "dice_bce"):
             raise ValueError(f"seg_loss must be 'dice' or 'dice_bce', not '{seg_loss}'")
-        self.mask_blend, self.cycle_detach_lesion, self.seg_loss = (
+        if hh_masks not in ("empty", "real"):
+            raise ValueError(f"hh_masks must be 'empty' or 'real', not '{hh_masks}'")
+        self.mask_blend, self.cycle_detach_lesion, self.seg_loss, self.hh_masks = (
             mask_blend,
             cycle_detach_lesion,
             seg_loss,
+            hh_masks,
         )
         self.G, self.S, self.R, self.D_x = generator, segmentor, reconstructor, discriminator
         lam = loss_weights(loss, {"lambda_cc": 10.0, "lambda_gan": 1.0, "lambda_seg": 10.0})
@@ -98,7 +108,8 @@ class ProposedPaired(PHSMethod):
     def fakes(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Both cycles."""
         x_p, x_h = batch["x_p"], batch["x_h"]
-        m_h = torch.zeros_like(x_h)  # the null 'healthy' mask
+        # the null 'healthy' mask (paper), or a real one from another volume (hh_masks=real)
+        m_h = batch["m_real"] if self.hh_masks == "real" else torch.zeros_like(x_h)
         x_ph, m_ph = self.factorize(x_p)  # cycle P-H
         x_ph_cycle = x_ph
         if self.cycle_detach_lesion:
@@ -106,7 +117,9 @@ class ProposedPaired(PHSMethod):
             x_ph_cycle = lesion * x_ph.detach() + (1 - lesion) * x_ph
         x_rec = self.R(torch.cat([x_ph_cycle, m_ph], 1))
         x_hh = self.R(torch.cat([x_h, m_h], 1))  # cycle H-H
-        x_hh_rec, m_hh_rec = self.factorize(x_hh)
+        # with real masks the pair (R(x_h, m), x_h) supervises G and S only: R is not taught
+        # to make G's job easy by drawing faint lesions
+        x_hh_rec, m_hh_rec = self.factorize(x_hh.detach() if self.hh_masks == "real" else x_hh)
         return {
             "x_ph": x_ph,
             "m_ph": m_ph,
@@ -138,7 +151,9 @@ class ProposedPaired(PHSMethod):
         cc_hh_image = l1(c["x_hh_rec"], x_h)
         cc_hh_mask = l1(c["m_hh_rec"], c["m_h"])  # L1, not Dice: Dice is undefined on an empty mask
         cc = cc_ph + cc_hh_image + cc_hh_mask
-        gan1 = self.adv.generator(self.D_x(c["x_ph"])) + self.adv.generator(self.D_x(c["x_hh"]))
+        gan1 = self.adv.generator(self.D_x(c["x_ph"]))
+        if self.hh_masks == "empty":  # R(x_h, 0) should look healthy too
+            gan1 = gan1 + self.adv.generator(self.D_x(c["x_hh"]))
         seg = self.segmentation_loss(c["m_ph"], batch)
         loss = self.lambda_cc * cc + self.lambda_gan * gan1 + self.lambda_seg * seg
         return {
@@ -156,10 +171,10 @@ class ProposedPaired(PHSMethod):
     ) -> dict[str, torch.Tensor]:
         """D_x: real healthy slices against G(x_p) and R(x_h, m_h)."""
         x_h = batch["x_h"]
-        return {
-            "d_x": self.adv.discriminator(self.D_x, x_h, c["x_ph"], "d_x_ph")
-            + self.adv.discriminator(self.D_x, x_h, c["x_hh"], "d_x_hh")
-        }
+        d_x = self.adv.discriminator(self.D_x, x_h, c["x_ph"], "d_x_ph")
+        if self.hh_masks == "empty":
+            d_x = d_x + self.adv.discriminator(self.D_x, x_h, c["x_hh"], "d_x_hh")
+        return {"d_x": d_x}
 
     def generator_steps_now(self) -> bool:
         """lsgan: every batch. wgan_gp: every n_critic-th batch (n_critic_warmup in early epochs)."""
