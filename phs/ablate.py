@@ -97,9 +97,14 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             f_pre, _ = _train_once(out / f"f_pre-{_data_key(over)}", seg_over)
         log.info("variant %s: %s", name, over or "(defaults)")
         ckpt, minutes = _train_once(out / name, [*base, *over, *common, "test=false"])
-        metrics = evaluate_checkpoint(
-            str(ckpt), str(f_pre) if f_pre else None, None, out / name / "eval", split=cfg.split
-        )
+        done = out / name / "eval" / f"metrics-{cfg.split}.json"
+        if done.exists():
+            metrics = json.loads(done.read_text())
+        else:
+            metrics = evaluate_checkpoint(
+                str(ckpt), str(f_pre) if f_pre else None, None, out / name / "eval", split=cfg.split
+            )
+            done.write_text(json.dumps(metrics, indent=2))
         rows[name] = {**metrics, "minutes": minutes}
         # the table so far, after every variant: nothing lost if a later one fails
         table = render(rows, variants)

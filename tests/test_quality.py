@@ -183,3 +183,30 @@ def test_hh_cycle_mask_and_what_d_x_judges(tmp_path: Path, hh_masks: str) -> Non
     model.generator_loss(batch, c)
     assert len(judged) == (1 if hh_masks == "real" else 2)
     assert c["x_hh_rec"].requires_grad
+
+
+def test_blend_dilate_repaints_the_border_and_fills_small_holes(tmp_path: Path) -> None:
+    cfg = _tiny_cfg(
+        tmp_path, tmp_path / "unused", "options.mask_blend=true", "options.blend_dilate=1"
+    )
+    model = hydra.utils.instantiate(cfg.model).eval()
+    mask = torch.zeros(1, 1, 48, 40)
+    mask[..., 10:20, 10:20] = 1.0
+    mask[..., 15, 15] = 0.0  # a one-pixel hole
+    model.S = _Constant(mask)
+    x = _pair(shape=(48, 40))[0][:1]
+    with torch.no_grad():
+        out, g = model.synthesize(x)["pseudo_healthy"], model.G(x)
+    region = torch.zeros_like(mask, dtype=torch.bool)
+    region[..., 9:21, 9:21] = True  # the square grown by one pixel, hole filled
+    torch.testing.assert_close(out[region], g[region])
+    torch.testing.assert_close(out[~region], x[~region])
+
+
+class _Constant(torch.nn.Module):
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value.expand(len(x), -1, -1, -1)

@@ -11,6 +11,8 @@ Losses (Sec. 3.4, 4.1):
 Options beyond the paper (all off by default in the paper's configuration):
   mask_blend:          the pseudo-healthy image is S(x) * G(x) + (1 - S(x)) * x: G's output
                        replaces the input only where S sees pathology.
+  blend_dilate:        with mask_blend, S(x) is first dilated by this many pixels (max-pooling):
+                       G also repaints the lesion's border and small holes in S's mask.
   cycle_detach_lesion: in cycle P-H, R receives G(x_p) with the gradient into G stopped inside
                        the lesion (the true mask when paired, S's when unpaired), so L_CC cannot
                        reward G for leaving lesion traces for R to rebuild from.
@@ -20,7 +22,9 @@ Options beyond the paper (all off by default in the paper's configuration):
                        G must take it away again (L1 to x_h) while S finds it (L1 to the mask):
                        a self-supervised pair for G. R's output is then pathological, so it
                        leaves L_GAN1 (D_x judges only G(x_p)), and the pair trains G and S only
-                       (R's output is detached there).
+                       (R's output is detached there). "paste" (paired only): instead of R's
+                       rendering, the real lesion of x_p is pasted into the healthy slice,
+                       m_p * x_p + (1 - m_p) * x_h, and G and S must undo it.
 """
 
 from __future__ import annotations
@@ -60,18 +64,20 @@ class ProposedPaired(PHSMethod):
         cycle_detach_lesion: bool = False,
         seg_loss: str = "dice",
         hh_masks: str = "empty",
+        blend_dilate: int = 0,
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         if seg_loss not in ("dice", "dice_bce"):
             raise ValueError(f"seg_loss must be 'dice' or 'dice_bce', not '{seg_loss}'")
-        if hh_masks not in ("empty", "real"):
-            raise ValueError(f"hh_masks must be 'empty' or 'real', not '{hh_masks}'")
+        if hh_masks not in ("empty", "real", "paste"):
+            raise ValueError(f"hh_masks must be 'empty', 'real' or 'paste', not '{hh_masks}'")
         self.mask_blend, self.cycle_detach_lesion, self.seg_loss, self.hh_masks = (
             mask_blend,
             cycle_detach_lesion,
             seg_loss,
             hh_masks,
         )
+        self.blend_dilate = int(blend_dilate)
         self.G, self.S, self.R, self.D_x = generator, segmentor, reconstructor, discriminator
         lam = loss_weights(loss, {"lambda_cc": 10.0, "lambda_gan": 1.0, "lambda_seg": 10.0})
         self.lambda_cc, self.lambda_gan, self.lambda_seg = (
@@ -101,25 +107,34 @@ class ProposedPaired(PHSMethod):
         only where S sees pathology, the input elsewhere)."""
         x_ph, m = self.G(x), self.S(x)
         if self.mask_blend:
-            x_ph = m * x_ph + (1 - m) * x
+            w = m
+            if self.blend_dilate > 0:
+                k = 2 * self.blend_dilate + 1
+                w = F.max_pool2d(m, k, stride=1, padding=self.blend_dilate)
+            x_ph = w * x_ph + (1 - w) * x
         return x_ph, m
 
     # -- the losses -------------------------------------------------------------------------------
     def fakes(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Both cycles."""
         x_p, x_h = batch["x_p"], batch["x_h"]
-        # the null 'healthy' mask (paper), or a real one from another volume (hh_masks=real)
-        m_h = batch["m_real"] if self.hh_masks == "real" else torch.zeros_like(x_h)
+        # the null 'healthy' mask (paper), a real one from another volume (hh_masks=real), or
+        # x_p's own mask with its lesion pasted (hh_masks=paste)
+        m_h = {"real": batch.get("m_real"), "paste": batch.get("m_p")}.get(self.hh_masks)
+        m_h = torch.zeros_like(x_h) if m_h is None else m_h
         x_ph, m_ph = self.factorize(x_p)  # cycle P-H
         x_ph_cycle = x_ph
         if self.cycle_detach_lesion:
             lesion = self.lesion(batch, m_ph).to(x_ph.dtype)
             x_ph_cycle = lesion * x_ph.detach() + (1 - lesion) * x_ph
         x_rec = self.R(torch.cat([x_ph_cycle, m_ph], 1))
-        x_hh = self.R(torch.cat([x_h, m_h], 1))  # cycle H-H
+        if self.hh_masks == "paste":
+            x_hh = m_h * x_p + (1 - m_h) * x_h
+        else:
+            x_hh = self.R(torch.cat([x_h, m_h], 1))  # cycle H-H
         # with real masks the pair (R(x_h, m), x_h) supervises G and S only: R is not taught
         # to make G's job easy by drawing faint lesions
-        x_hh_rec, m_hh_rec = self.factorize(x_hh.detach() if self.hh_masks == "real" else x_hh)
+        x_hh_rec, m_hh_rec = self.factorize(x_hh.detach() if self.hh_masks != "empty" else x_hh)
         return {
             "x_ph": x_ph,
             "m_ph": m_ph,
@@ -208,6 +223,8 @@ class ProposedUnpaired(ProposedPaired):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, loss={"lambda_gan": 2.0, **(loss or {})}, **kwargs)
+        if self.hh_masks == "paste":
+            raise ValueError("hh_masks=paste needs annotated masks (paired training only)")
         self.D_m = mask_discriminator
 
     def lesion(self, batch: dict[str, Any], m_ph: torch.Tensor) -> torch.Tensor:
