@@ -111,7 +111,10 @@ def test_optimizers_own_exactly_their_networks(name: str, brats_root: Path, tmp_
 
 
 def test_hh_cycle_sees_an_all_zero_mask(brats_root: Path, tmp_path: Path) -> None:
-    dm, model = build(config(tmp_path, brats_root, "model=proposed_paired"))
+    """The paper's cycle H-H (options.hh_masks=empty); the real-mask variant: test_quality.py."""
+    dm, model = build(
+        config(tmp_path, brats_root, "model=proposed_paired", "options.hh_masks=empty")
+    )
     seen = []
     model.R.register_forward_hook(lambda mod, inp, out: seen.append(inp[0][:, 1].detach().clone()))
     batch = next(iter(dm.train_dataloader()))
