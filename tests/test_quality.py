@@ -210,3 +210,40 @@ class _Constant(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.value.expand(len(x), -1, -1, -1)
+
+
+@pytest.mark.parametrize(
+    "experiment", ["paper", "paper_brats_paired", "paper_isles_unpaired", "paper_brats_cgan"]
+)
+def test_experiment_paper_is_the_paper_and_nothing_else(experiment: str) -> None:
+    """One definition: every paper_* experiment gets the paper's settings from paper.yaml."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"])
+    assert cfg.data.preprocess.normalize == "paper"
+    assert list(cfg.data.preprocess.slice_size) == [208, 160] and cfg.data.preprocess.n_slices == 60
+    assert (cfg.net.width, cfg.net.d_layers, cfg.net.skip, cfg.net.seg_dropout) == (
+        32,
+        4,
+        False,
+        0.3,
+    )
+    assert not cfg.options.mask_blend and not cfg.options.cycle_detach_lesion
+    assert (cfg.options.seg_loss, cfg.options.hh_masks, cfg.options.blend_dilate) == (
+        "dice",
+        "empty",
+        0,
+    )
+    assert cfg.model.optimizer.lr == 2e-4 and cfg.trainer.max_epochs == 300
+    model = hydra.utils.instantiate(cfg.model)
+    assert not model.G.skip
+    if hasattr(model, "mask_blend"):
+        assert not model.mask_blend and model.hh_masks == "empty"
+
+
+def test_defaults_are_the_ablation_choice() -> None:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train")
+    model = hydra.utils.instantiate(cfg.model)
+    assert cfg.data.preprocess.normalize == "median" and model.G.skip and model.R.skip
+    assert model.mask_blend and model.blend_dilate == 2 and model.cycle_detach_lesion
+    assert model.hh_masks == "real" and model.seg_loss == "dice_bce"
