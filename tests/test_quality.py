@@ -162,7 +162,7 @@ def test_short_training_leaves_healthy_tissue_close_to_the_truth(tmp_path: Path)
     train(cfg)
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     print({k: round(v["mean"], 3) for k, v in m.items() if v["mean"] is not None})
-    assert m["psnr_outside"]["mean"] > 28.0  # measured 33.1 at the defaults
+    assert m["psnr_outside"]["mean"] > 28.0  # measured: 33.1 dB; 13.9 with the paper's settings
     assert m["psnr_lesion"]["mean"] > m["psnr_lesion_input"]["mean"]
 
 
