@@ -154,8 +154,10 @@ class ProposedPaired(PHSMethod):
         loss = self.dice(m_ph, batch["m_p"])
         if self.seg_loss == "dice_bce":
             with torch.autocast(m_ph.device.type, enabled=False):
-                p = m_ph.float().clamp(1e-6, 1 - 1e-6)
-                loss = loss + F.binary_cross_entropy(p, (batch["m_p"] > 0.5).float())
+                # written out (not F.binary_cross_entropy, which raises on NaN) so that a NaN
+                # reaches the finiteness check and is reported with its term and step
+                p, t = m_ph.float().clamp(1e-6, 1 - 1e-6), (batch["m_p"] > 0.5).float()
+                loss = loss - (t * p.log() + (1 - t) * (1 - p).log()).mean()
         return loss
 
     def generator_loss(
