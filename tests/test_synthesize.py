@@ -354,7 +354,7 @@ def test_trained_model_moves_a_phantom_lesion_towards_the_truth(tmp_path: Path) 
         x = np.asarray(nib.load(image).dataobj).astype(np.float64)
         truth = np.asarray(nib.load(case / f"{case.name}_flair_healthy.nii.gz").dataobj)
         lesion = np.asarray(nib.load(case / f"{case.name}_seg.nii.gz").dataobj) > 0
-        fit = fit_intensity(x)
+        fit = fit_intensity(x, cfg.data.preprocess.normalize)  # the model's own intensity scale
         norm = lambda a: np.clip((a - fit.background) / fit.scale, 0, 1)  # noqa: E731, B023
         ph = np.asarray(nib.load(out / "pseudo_healthy.nii.gz").dataobj)
         truth_l = norm(truth.astype(np.float64))[lesion]
