@@ -71,13 +71,12 @@ class ProposedPaired(PHSMethod):
             raise ValueError(f"seg_loss must be 'dice' or 'dice_bce', not '{seg_loss}'")
         if hh_masks not in ("empty", "real", "paste"):
             raise ValueError(f"hh_masks must be 'empty', 'real' or 'paste', not '{hh_masks}'")
-        self.mask_blend, self.cycle_detach_lesion, self.seg_loss, self.hh_masks = (
-            mask_blend,
+        self.mask_blend, self.blend_dilate = mask_blend, int(blend_dilate)
+        self.cycle_detach_lesion, self.seg_loss, self.hh_masks = (
             cycle_detach_lesion,
             seg_loss,
             hh_masks,
         )
-        self.blend_dilate = int(blend_dilate)
         self.G, self.S, self.R, self.D_x = generator, segmentor, reconstructor, discriminator
         lam = loss_weights(loss, {"lambda_cc": 10.0, "lambda_gan": 1.0, "lambda_seg": 10.0})
         self.lambda_cc, self.lambda_gan, self.lambda_seg = (
