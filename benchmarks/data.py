@@ -11,10 +11,11 @@ at ``../shared/data/real/brats``; otherwise a small generated phantom):
      already in the cache (hash check + ``.npz`` read + slice store).
 2. Loader throughput, slices/s: iterating ``train_dataloader()`` (augmentation on, as
    configured by default: flips + small rotations) for ``--steps`` batches, nothing else.
-3. The loader's share of one training step of a plain-torch stand-in the size of the paper's
-   generator G (Appendix Table 2) with a Table-4 patch discriminator. One step = G forward on
-   ``x_p``, L1 on the healthy tissue + a least-squares GAN term through D, backward, Adam step on
-   G (fp32, 208x160, ``--batch-size``). The real step (G, R, S, two discriminators) costs more,
+3. The loader's share of one training step of a plain-torch stand-in built from the repo's own
+   networks (``phs.nets``) at the training defaults: generator G (``ResnetGenerator``, Appendix
+   Table 2) and image discriminator D_x (``PatchDiscriminator``, Table 4). One step = G forward
+   on ``x_p``, L1 on the healthy tissue + a least-squares GAN term through D, backward, Adam step
+   on G (fp32, 208x160, ``--batch-size``). The real step (G, R, S, two discriminators) costs more,
    so the share measured here is an upper bound. Steps fetching a fresh batch from the loader and
    steps reusing one pre-fetched batch are interleaved, and two estimates are printed:
 
@@ -41,9 +42,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from phs.data import (
@@ -53,6 +52,8 @@ from phs.data import (
     load_and_preprocess,
 )
 from phs.data.cache import preprocess_cases
+from phs.nets import PatchDiscriminator, ResnetGenerator
+from phs.phantom import generate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,32 +83,6 @@ def cpu_model() -> str:
 
 
 # -- data ----------------------------------------------------------------------------------------
-def write_synthetic_brats(root: Path, n_cases: int = 3, seed: int = 0) -> None:
-    """Simple BraTS-2018-named volumes: an ellipsoid "brain" with a bright spherical "lesion"."""
-    import nibabel as nib
-
-    rng = np.random.default_rng(seed)
-    shape = (240, 240, 155)
-    x, y, z = np.meshgrid(*(np.arange(s, dtype=np.float32) for s in shape), indexing="ij")
-    centre = np.array([120.0, 120.0, 77.0])
-    brain = ((x - centre[0]) / 70) ** 2 + ((y - centre[1]) / 85) ** 2 + (
-        (z - centre[2]) / 60
-    ) ** 2 <= 1
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
-    for i in range(n_cases):
-        case = f"Brats18_synthetic_{i}"
-        folder = root / case
-        folder.mkdir(parents=True, exist_ok=True)
-        img = np.where(brain, rng.normal(300, 30, shape), 0).astype(np.float32)
-        c = centre + rng.uniform(-25, 25, 3) * np.array([1, 1, 0.5])
-        r = rng.uniform(10, 18)
-        lesion = ((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 <= r**2) & brain
-        img[lesion] = rng.normal(700, 40, int(lesion.sum()))
-        seg = np.where(lesion, 2, 0).astype(np.uint8)
-        nib.save(nib.Nifti1Image(img.astype(np.int16), affine), folder / f"{case}_flair.nii.gz")
-        nib.save(nib.Nifti1Image(seg, affine), folder / f"{case}_seg.nii.gz")
-
-
 def resolve_root(root: str | None, kind: str, tmp: Path) -> tuple[Path, str]:
     """The data root to use and a description of where it came from."""
     if root:
@@ -115,15 +90,6 @@ def resolve_root(root: str | None, kind: str, tmp: Path) -> tuple[Path, str]:
     if kind == "brats" and DEFAULT_ROOT.is_dir():
         return DEFAULT_ROOT, "real BraTS samples (../shared/data/real/brats)"
     out = tmp / "phantom"
-    try:
-        from phs.phantom import generate
-    except ImportError:  # being written; fall back to plain synthetic volumes
-        if kind != "brats":
-            raise SystemExit(
-                f"phs.phantom is not available and no --root for kind '{kind}'"
-            ) from None
-        write_synthetic_brats(out)
-        return out, "3 synthetic NIfTI volumes (phs.phantom not importable yet)"
     generate(out, n_volumes=4, kind=kind, seed=0)
     return out, "phs.phantom.generate(n_volumes=4, seed=0)"
 
@@ -147,79 +113,17 @@ def cycle(make: Callable[[], Iterator[Any]]) -> Iterator[Any]:
         yield from make()
 
 
-# -- stand-in network (paper Appendix Tables 2 and 4) --------------------------------------------
-def conv_in(
-    cin: int, cout: int, k: int, stride: int = 1, act: nn.Module | None = None
-) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, k, stride, padding=k // 2),
-        nn.InstanceNorm2d(cout),
-        act if act is not None else nn.ReLU(inplace=True),
-    )
-
-
-class ResBlock(nn.Module):
-    def __init__(self, ch: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            conv_in(ch, ch, 3, act=nn.LeakyReLU(0.2, inplace=True)),
-            nn.Conv2d(ch, ch, 3, padding=1),
-            nn.InstanceNorm2d(ch),
-        )
-        self.act = nn.LeakyReLU(0.2, inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(x + self.body(x))
-
-
-class Generator(nn.Module):
-    """Table 2: 7x7/32, 3x3 s2 64 and 128, 6 residual blocks, (upsample + 3x3) to 64 and 32, 1."""
-
-    def __init__(self, cin: int = 1, cout: int = 1) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            conv_in(cin, 32, 7),
-            conv_in(32, 64, 3, 2),
-            conv_in(64, 128, 3, 2),
-            *(ResBlock(128) for _ in range(6)),
-            nn.Upsample(scale_factor=2, mode="nearest"),
-            conv_in(128, 64, 3),
-            nn.Upsample(scale_factor=2, mode="nearest"),
-            conv_in(64, 32, 3),
-            nn.Conv2d(32, cout, 3, padding=1),
-            nn.Sigmoid(),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class PatchDiscriminator(nn.Module):
-    """Table 4: 4x4 s2 convs to 32, 128, 256, 512 (IN, LeakyReLU), then 4x4 s1 to 1 + sigmoid."""
-
-    def __init__(self, cin: int = 2) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        for a, b in ((cin, 32), (32, 128), (128, 256), (256, 512)):
-            layers += [
-                nn.Conv2d(a, b, 4, 2, padding=1),
-                nn.InstanceNorm2d(b),
-                nn.LeakyReLU(0.2, inplace=True),
-            ]
-        self.net = nn.Sequential(
-            *layers, nn.ZeroPad2d((1, 2, 1, 2)), nn.Conv2d(512, 1, 4, 1), nn.Sigmoid()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
+# -- stand-in step (the repo's G and D_x, phs.nets) ------------------------------------------
 class StandIn:
-    """One generator training step: L1 on healthy tissue + least-squares GAN term, Adam on G."""
+    """One generator training step: L1 on healthy tissue + least-squares GAN term, Adam on G.
+
+    G and D are the training defaults' networks (``conf/train.yaml`` ``net``: Table 2's
+    ResNet generator with the logit skip, Table 4's patch discriminator on the image).
+    """
 
     def __init__(self) -> None:
         torch.manual_seed(0)
-        self.g, self.d = Generator(), PatchDiscriminator()
+        self.g, self.d = ResnetGenerator(skip=True), PatchDiscriminator()
         self.opt = torch.optim.Adam(self.g.parameters(), lr=2e-4, betas=(0.5, 0.999))
         self.d.requires_grad_(False)
 
@@ -229,7 +133,7 @@ class StandIn:
         x_h = self.g(x_p)
         healthy = 1 - m_p
         l1 = F.l1_loss(x_h * healthy, x_p * healthy)
-        adv = ((self.d(torch.cat([x_h, m_p], 1)) - 1) ** 2).mean()
+        adv = ((self.d(x_h) - 1) ** 2).mean()
         loss = 10 * l1 + adv
         loss.backward()
         self.opt.step()
@@ -370,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         row("slices/s (4 slices per item)", f"{slices_per_batch / mean_fetch:8.1f} /s")
 
         # 3. loader share of a training step ---------------------------------------------------
-        print("\n3. Loader share of a stand-in training step (G of Table 2 + D of Table 4, fp32)")
+        print("\n3. Loader share of a stand-in training step (phs.nets G + D_x, fp32)")
         model = StandIn()
         n_g = sum(q.numel() for q in model.g.parameters())
         n_d = sum(q.numel() for q in model.d.parameters())

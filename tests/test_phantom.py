@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,7 +14,7 @@ from scipy.ndimage import binary_dilation
 
 from phs import phantom
 from phs.errors import PhsError
-from phs.phantom import ensure_phantom, generate, generate_case
+from phs.phantom import ensure_phantom, generate, generate_case, writer
 
 MID = 60
 
@@ -183,7 +185,7 @@ def test_ensure_phantom_reuses_and_is_atomic(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("must not regenerate")
 
-    monkeypatch.setattr(phantom, "generate", boom)
+    monkeypatch.setattr(writer, "generate", boom)
     ensure_phantom(root, n_volumes=1, kind="isles", seed=0, progress=False)
     assert (meta.stat().st_mtime_ns, image.stat().st_mtime_ns) == stamps
 
@@ -192,7 +194,7 @@ def test_ensure_phantom_reuses_and_is_atomic(tmp_path, monkeypatch):
         Path(out, "partial").mkdir(parents=True)
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(phantom, "generate", crash)
+    monkeypatch.setattr(writer, "generate", crash)
     fresh = tmp_path / "fresh"
     with pytest.raises(RuntimeError, match="disk full"):
         ensure_phantom(fresh, n_volumes=1, kind="isles", seed=0)
@@ -209,3 +211,16 @@ def test_ensure_phantom_reuses_and_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(PhsError, match="phantom.json"):
         ensure_phantom(other, n_volumes=1, kind="isles", seed=0)
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_without_out_says_so_and_exits_2(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "phs.phantom", "n_volumes=1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip() == "error: out is required: python -m phs.phantom out=DIR"
+    assert not any(tmp_path.iterdir())
