@@ -11,11 +11,9 @@ is reused when the command is run again with the same ``hydra.run.dir``.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +23,9 @@ from omegaconf import DictConfig
 
 from phs.cli import friendly_errors
 from phs.errors import PhsError
-from phs.evaluate import evaluate_checkpoint
-from phs.train import train
+from phs.evaluation import markdown_table, mean_cell, write_table
+from phs.io import write_json, write_text
+from phs.runs import evaluate_checkpoint, train_once
 
 log = logging.getLogger(__name__)
 
@@ -49,30 +48,18 @@ def _data_key(overrides: list[str]) -> str:
     return hashlib.sha1("\n".join(data).encode()).hexdigest()[:8]
 
 
-def _train_once(run_dir: Path, overrides: list[str]) -> tuple[Path, float]:
-    """Train into ``run_dir`` unless it already holds a finished run; the checkpoint and minutes."""
-    ckpt, done = run_dir / "checkpoints" / "last.ckpt", run_dir / "train_minutes.txt"
-    if ckpt.exists() and done.exists():
-        log.info("reusing %s", run_dir)
-        return ckpt, float(done.read_text())
-    t0 = time.perf_counter()
-    train(hydra.compose("train", overrides=[*overrides, f"paths.output_dir={run_dir}"]))
-    minutes = (time.perf_counter() - t0) / 60
-    done.write_text(f"{minutes:.2f}\n")
-    return ckpt, minutes
-
-
 def render(rows: dict[str, dict[str, Any]], variants: dict[str, list[str]]) -> str:
-    head = "| variant | " + " | ".join(t for _, t, _ in COLUMNS) + " | minutes | overrides |"
-    lines = [head, "|---" * (len(COLUMNS) + 3) + "|"]
-    for name, m in rows.items():
-        cells = [
-            fmt.format(m[k]["mean"]) if m.get(k, {}).get("mean") is not None else "-"
-            for k, _, fmt in COLUMNS
+    header = ["variant", *(t for _, t, _ in COLUMNS), "minutes", "overrides"]
+    body = [
+        [
+            name,
+            *(mean_cell(m, k, fmt) for k, _, fmt in COLUMNS),
+            f"{m['minutes']:.1f}",
+            " ".join(f"`{o}`" for o in variants[name]) or "(defaults)",
         ]
-        over = " ".join(f"`{o}`" for o in variants[name]) or "(defaults)"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['minutes']:.1f} | {over} |")
-    return "\n".join(lines)
+        for name, m in rows.items()
+    ]
+    return markdown_table(header, body)
 
 
 @friendly_errors
@@ -94,9 +81,9 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         if cfg.healthiness:  # f_pre on the same preprocessing as the variant
             seg_over = [*base, "model=segmentor", "test=false"]
             seg_over += [o for o in over if o.startswith(("data.", "net.seg"))] + common
-            f_pre, _ = _train_once(out / f"f_pre-{_data_key(over)}", seg_over)
+            f_pre, _ = train_once(out / f"f_pre-{_data_key(over)}", seg_over)
         log.info("variant %s: %s", name, over or "(defaults)")
-        ckpt, minutes = _train_once(out / name, [*base, *over, *common, "test=false"])
+        ckpt, minutes = train_once(out / name, [*base, *over, *common, "test=false"])
         done = out / name / "eval" / f"metrics-{cfg.split}.json"
         if done.exists():
             metrics = json.loads(done.read_text())
@@ -104,7 +91,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             metrics = evaluate_checkpoint(
                 str(ckpt), str(f_pre) if f_pre else None, None, out / name / "eval", split=cfg.split
             )
-            done.write_text(json.dumps(metrics, indent=2))
+            write_json(done, metrics)
         rows[name] = {**metrics, "minutes": minutes}
         # the table so far, after every variant: nothing lost if a later one fails
         table = render(rows, variants)
@@ -115,19 +102,21 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             "pixel-level anomaly detection from |x - G(x)|; S AUPRC: from S(x). Minutes: "
             "training only.\n"
         )
-        (out / "ablation.md").write_text(text)
-        (out / "ablation.json").write_text(
-            json.dumps(
-                {"base": base + common, "split": cfg.split, "variants": variants, "results": rows},
-                indent=2,
-            )
+        write_text(out / "ablation.md", text)
+        results = {"base": base + common, "split": cfg.split, "variants": variants, "results": rows}
+        write_json(out / "ablation.json", results)
+        write_table(
+            out / "ablation.csv",
+            [
+                {
+                    "variant": n,
+                    **{k: m.get(k, {}).get("mean") for k, _, _ in COLUMNS},
+                    "minutes": f"{m['minutes']:.2f}",
+                    "overrides": " ".join(variants[n]),
+                }
+                for n, m in rows.items()
+            ],
         )
-        with open(out / "ablation.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["variant", *[k for k, _, _ in COLUMNS], "minutes", "overrides"])
-            for n, m in rows.items():
-                vals = [m.get(k, {}).get("mean") for k, _, _ in COLUMNS]
-                w.writerow([n, *vals, f"{m['minutes']:.2f}", " ".join(variants[n])])
     print((out / "ablation.md").read_text())
     print(f"written: {out / 'ablation.md'}")
     return rows

@@ -9,49 +9,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import default_collate
 
-VISUAL_TITLES = {
-    "x_p": "input",
-    "pseudo_healthy": "pseudo-healthy",
-    "mask": "predicted mask",
-    "reconstruction": "reconstruction",
-    "residual": "|input - pseudo-healthy|",
-    "x_gt": "ground truth",
-    "m_p": "true mask",
-}
-
-
-def save_grid(visuals: dict[str, torch.Tensor], path: str | Path, title: str = "") -> Path:
-    """Rows are samples, columns the visuals; the true mask is outlined on the input."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [k for k in visuals if k != "m_p" or "mask" not in visuals]
-    n = len(next(iter(visuals.values())))
-    fig, axes = plt.subplots(n, len(names), figsize=(1.9 * len(names), 2.3 * n), squeeze=False)
-    for r in range(n):
-        for c, name in enumerate(names):
-            ax = axes[r, c]
-            ax.imshow(visuals[name][r, 0].float().cpu(), cmap="gray", vmin=0, vmax=1)
-            if name == "x_p" and "m_p" in visuals:
-                ax.contour(
-                    visuals["m_p"][r, 0].float().cpu().numpy(),
-                    levels=[0.5],
-                    colors="r",
-                    linewidths=0.6,
-                )
-            if r == 0:
-                ax.set_title(VISUAL_TITLES.get(name, name), fontsize=8)
-            ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+from phs.io import atomic_path
+from phs.plots import save_grid
 
 
 class SampleGrid(pl.Callback):
@@ -151,14 +110,5 @@ class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
     ) -> None:
-        import os
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()

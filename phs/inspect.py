@@ -17,6 +17,8 @@ from omegaconf import DictConfig
 
 from phs.cli import friendly_errors
 from phs.data import PHSDataModule
+from phs.io import write_json
+from phs.plots import save_panels
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +65,6 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
 
 def save_montage(dm: PHSDataModule, path: str | Path, n_cases: int = 6) -> Path:
     """For a few cases: the slice with the largest lesion (mask outlined) and a healthy slice."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     stores = [s for s in dm.stores.values() if len(s)]
     picks = []
     for store in stores:
@@ -84,31 +81,24 @@ def save_montage(dm: PHSDataModule, path: str | Path, n_cases: int = 6) -> Path:
                 )
             )
     picks = picks[:n_cases]
-    cols = 3 if any(p[1].healthy is not None for p in picks) else 2
-    fig, axes = plt.subplots(
-        len(picks), cols, figsize=(2.4 * cols, 2.9 * len(picks)), squeeze=False
-    )
-    for r, (case, store, j, h) in enumerate(picks):
-        ax = axes[r, 0]
-        ax.imshow(store.image[j, 0], cmap="gray", vmin=0, vmax=1)
-        if store.label[j].any():
-            ax.contour(store.label[j, 0].numpy(), levels=[0.5], colors="r", linewidths=0.8)
-        ax.set_title(f"{case}\nslice {int(store.slice_idx[j])} + mask", fontsize=7)
-        ax = axes[r, 1]
-        if h is not None:
-            ax.imshow(store.image[h, 0], cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"healthy slice {int(store.slice_idx[h])}", fontsize=7)
-        if cols == 3 and store.healthy is not None:
-            axes[r, 2].imshow(store.healthy[j, 0], cmap="gray", vmin=0, vmax=1)
-            axes[r, 2].set_title("ground-truth healthy", fontsize=7)
-        for ax in axes[r]:
-            ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    rows = []
+    for case, store, j, h in picks:
+        row = [
+            (
+                f"{case}\nslice {int(store.slice_idx[j])} + mask",
+                store.image[j, 0],
+                store.label[j, 0],
+            ),
+            (
+                f"healthy slice {int(store.slice_idx[h])}" if h is not None else "",
+                store.image[h, 0] if h is not None else None,
+                None,
+            ),
+        ]
+        if store.healthy is not None:
+            row.append(("ground-truth healthy", store.healthy[j, 0], None))
+        rows.append(row)
+    return save_panels(rows, path, size=(2.4, 2.9), dpi=110)
 
 
 @friendly_errors
@@ -123,8 +113,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     print(f"montage: {montage}")
     if cfg.out:
         out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summary, indent=2, default=_json_default))
+        write_json(out, json.loads(json.dumps(summary, default=_json_default)))
         print(f"summary: {out}")
     return summary
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
+from torchmetrics.classification import BinaryPrecisionRecallCurve
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as _ms_ssim
 
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -143,17 +144,15 @@ def healthiness_per_slice(n_pred: torch.Tensor, mean_true: float) -> torch.Tenso
     return 1.0 - n_pred.double() / mean_true
 
 
-class AnomalyDetection:
+class AnomalyDetection(BinaryPrecisionRecallCurve):
     """Pixel-level anomaly detection from a score map (the residual |x_p - G(x_p)| or S(x_p))
     against the true mask, pooled over all brain pixels of all slices: area under the
     precision-recall curve and Dice at the best threshold, on a fixed grid of thresholds
-    (torchmetrics' binned curves, constant memory)."""
+    (torchmetrics' binned curve: constant memory, summed over DDP ranks)."""
 
     def __init__(self, thresholds: int = 201) -> None:
-        from torchmetrics.classification import BinaryPrecisionRecallCurve
-
-        self.curve = BinaryPrecisionRecallCurve(thresholds=thresholds)
-        self.n = 0
+        super().__init__(thresholds=thresholds)
+        self.add_state("n", default=torch.tensor(0), dist_reduce_fx="sum")
 
     @fp32
     def update(
@@ -161,11 +160,11 @@ class AnomalyDetection:
     ) -> None:
         keep = torch.ones_like(target, dtype=torch.bool) if region is None else region.bool()
         s, t = score.float()[keep].clamp(0, 1), (target[keep] > 0.5).long()
-        self.curve.update(s, t)
-        self.n += int(keep.sum())
+        super().update(s, t)
+        self.n += keep.sum()
 
     def compute(self) -> dict[str, float]:
-        precision, recall, thresholds = self.curve.compute()
+        precision, recall, thresholds = super().compute()
         precision = torch.nan_to_num(precision, nan=1.0)  # nothing predicted: precision 1
         # average precision as torchmetrics computes it: sum over thresholds of dR * P
         auprc = float(-torch.sum((recall[1:] - recall[:-1]) * precision[:-1]))
@@ -175,6 +174,7 @@ class AnomalyDetection:
             "auprc": auprc,
             "best_dice": float(f1[best]),
             "best_threshold": float(thresholds[best]),
+            "n": int(self.n),
         }
 
 

@@ -20,12 +20,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from phs.callbacks import save_grid
 from phs.checkpoint import load_method
 from phs.cli import friendly_errors
-from phs.evaluate import evaluate_checkpoint
+from phs.evaluation import markdown_table, mean_cell, write_table
+from phs.io import write_json, write_text
 from phs.metrics import wilcoxon_signed_rank
-from phs.train import train
+from phs.plots import save_grid
+from phs.runs import evaluate_checkpoint, train_once
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +136,8 @@ def figure4(out: Path, methods: list[str], ckpts: dict[str, Path], datamodule: A
     if store.healthy is not None:
         visuals["x_gt"] = store.healthy[picks]
     visuals["m_p"] = store.label[picks]
-    from phs import callbacks
-
-    callbacks.VISUAL_TITLES.update(LABELS)
-    return save_grid(visuals, out / "figure4.png", "Figure 4: pseudo-healthy images of test slices")
+    title = "Figure 4: pseudo-healthy images of test slices"
+    return save_grid(visuals, out / "figure4.png", title, titles=LABELS)
 
 
 @friendly_errors
@@ -156,22 +155,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ]
     ckpts: dict[str, Path] = {}
     for method in ["segmentor", *cfg.methods]:
-        run_dir = out / method
-        ckpts[method] = run_dir / "checkpoints" / "last.ckpt"
-        if ckpts[method].exists():
-            log.info("%s: already trained, reusing %s", method, ckpts[method])
-            continue
-        log.info("training %s", method)
-        train_cfg = hydra.compose(
-            "train",
-            overrides=[
-                *common,
-                f"model={method}",
-                f"paths.output_dir={run_dir}",
-                f"test={method == 'segmentor'}",
-            ],
-        )
-        train(train_cfg)
+        log.info("%s", method)
+        over = [*common, f"model={method}", f"test={method == 'segmentor'}"]
+        ckpts[method], _ = train_once(out / method, over)
     summary, rows = {}, {}
     for method in cfg.methods:
         summary[method] = evaluate_checkpoint(
@@ -182,17 +168,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     sig = significance(rows, list(cfg.methods), summary, cfg.alpha)
     dataset = data_choice
     table = render_table(dataset, list(cfg.methods), summary, sig)
-    extra = [
-        "| method | " + " | ".join(EXTRA_METRICS) + " |",
-        "|---" * (len(EXTRA_METRICS) + 1) + "|",
-    ]
-    for m in cfg.methods:
-        vals = [f"{summary[m][k]['mean']:.3f}" if k in summary[m] else "-" for k in EXTRA_METRICS]
-        extra.append(f"| {LABELS.get(m, m)} | " + " | ".join(vals) + " |")
-    paper = [
-        "| method | BraTS identity | BraTS healthiness | ISLES identity | ISLES healthiness |",
-        "|---|---|---|---|---|",
-    ] + [f"| {LABELS[m]} | " + " | ".join(PAPER[m]) + " |" for m in PAPER]
+    extra = markdown_table(
+        ["method", *EXTRA_METRICS],
+        [
+            [LABELS.get(m, m), *(mean_cell(summary[m], k) for k in EXTRA_METRICS)]
+            for m in cfg.methods
+        ],
+    )
+    paper = markdown_table(
+        ["method", "BraTS identity", "BraTS healthiness", "ISLES identity", "ISLES healthiness"],
+        [[LABELS[m], *PAPER[m]] for m in PAPER],
+    )
     text = "\n\n".join(
         [
             f"# Table 1 on `data={dataset}` (experiment={cfg.experiment})",
@@ -202,35 +188,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"Wilcoxon signed-rank test over the test slices, p < {cfg.alpha}. Healthiness uses f_pre "
             f"(test Dice {f_pre['dice']['mean']:.3f}, Dice loss {1 - f_pre['dice']['mean']:.3f}).",
             "## Beyond the paper (ground truth and anomaly detection)",
-            "\n".join(extra),
+            extra,
             "## The paper's Table 1 (Xia et al. 2019)",
-            "\n".join(paper),
+            paper,
         ]
     )
-    (out / "table1.md").write_text(text + "\n")
-    with open(out / "table1.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            ["dataset", "method", "metric", "mean", "std", "n", "p_vs_best_baseline", "significant"]
-        )
-        for m in cfg.methods:
-            for k, v in summary[m].items():
-                s = sig.get(m, {}).get(k, {})
-                w.writerow(
-                    [dataset, m, k, v["mean"], v["std"], v["n"], s.get("p"), s.get("significant")]
-                )
-    (out / "table1.json").write_text(
-        json.dumps(
+    write_text(out / "table1.md", text + "\n")
+    write_table(
+        out / "table1.csv",
+        [
             {
                 "dataset": dataset,
-                "experiment": cfg.experiment,
-                "metrics": summary,
-                "significance": sig,
-                "f_pre": f_pre,
-                "config": OmegaConf.to_container(cfg, resolve=True),
-            },
-            indent=2,
-        )
+                "method": m,
+                "metric": k,
+                **v,
+                "p_vs_best_baseline": sig.get(m, {}).get(k, {}).get("p"),
+                "significant": sig.get(m, {}).get(k, {}).get("significant"),
+            }
+            for m in cfg.methods
+            for k, v in summary[m].items()
+        ],
+    )
+    write_json(
+        out / "table1.json",
+        {
+            "dataset": dataset,
+            "experiment": cfg.experiment,
+            "metrics": summary,
+            "significance": sig,
+            "f_pre": f_pre,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        },
     )
     dm = hydra.utils.instantiate(OmegaConf.create(load_method(ckpts[cfg.methods[0]])[1]["data"]))
     dm.setup("test")

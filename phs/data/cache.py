@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from phs import io
 from phs.data.preprocess import PreprocessConfig, load_and_preprocess
 from phs.errors import DataError
 
@@ -51,13 +52,10 @@ def cache_path(cache_dir: str | Path, cfg: PreprocessConfig, record: dict) -> Pa
 
 
 def save_case(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in data.items() if k not in _ARRAYS}
     arrays = {k: data[k] for k in _ARRAYS if k in data}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with io.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
-    os.replace(tmp, path)
 
 
 def load_case(path: Path) -> dict[str, Any]:
@@ -100,7 +98,7 @@ def preprocess_cases(
     failed: dict[str, DataError] = {}
     if todo:
         jobs = [(r, cfg.to_dict(), str(cache_dir)) for r in todo]
-        with _progress(progress, "Preprocessing volumes", len(todo)) as advance:
+        with io.progress("Preprocessing volumes", len(todo), enabled=progress) as advance:
             if workers > 0 and len(todo) > 1:
                 with ProcessPoolExecutor(max_workers=workers) as pool:
                     results = pool.map(_work, jobs)
@@ -128,31 +126,3 @@ def _handle(case: str, err: DataError | None, failed: dict, skip: bool) -> None:
         raise err
     log.warning("skipping %s (data.skip_bad_cases=true)", err)
     failed[case] = err
-
-
-class _progress:
-    """A rich progress bar (or nothing) with an ``advance()`` callable."""
-
-    def __init__(self, enabled: bool, description: str, total: int | None = None) -> None:
-        self.enabled, self.description, self.total = enabled, description, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        self._p = Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self._p.__enter__()
-        task = self._p.add_task(self.description, total=self.total)
-        return lambda: self._p.advance(task)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._p.__exit__(*exc)
-        return False

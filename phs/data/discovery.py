@@ -10,15 +10,21 @@ Ground truth rule (phantom, or any dataset that has it): the healthy image of
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from phs.errors import DataError
 
 NIFTI = r"(?:nii\.gz|nii)"
 EXT_RE = re.compile(r"\.(nii\.gz|nii|mha)$")
+# file names that are not input images: masks, ground truths, phs outputs
+NOT_IMAGES = re.compile(
+    r"(seg|segm|mask|label|healthy|pseudo_healthy|pathology_|residual|\.OT\.)", re.I
+)
 
 # BraTS modality names: 2018-2021 spelling -> 2023+ spelling.
 BRATS_MODALITIES = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w"}
@@ -125,6 +131,16 @@ def discover_isles(root: str | Path, modality: str = "flair") -> list[dict]:
     return records
 
 
+def _read_datalist(path: Path) -> Any:
+    """The parsed JSON of a datalist file, or a :class:`DataError` saying why not."""
+    if not path.is_file():
+        raise DataError(f"datalist '{path}' does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"datalist '{path}' is not valid JSON: {err}") from None
+
+
 def discover_datalist(datalist: str | Path) -> list[dict]:
     """A Decathlon-style JSON datalist; paths are relative to the file.
 
@@ -133,30 +149,88 @@ def discover_datalist(datalist: str | Path) -> list[dict]:
     (so the ``datalist.json`` a run writes reproduces its split).
     """
     path = Path(datalist).expanduser()
-    if not path.is_file():
-        raise DataError(f"datalist '{path}' does not exist")
-    try:
-        content = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"datalist '{path}' is not valid JSON: {err}") from None
+    content = _read_datalist(path)
     if not isinstance(content, dict) or not isinstance(content.get("training"), list):
         raise DataError(f"datalist '{path}' has no list under the key 'training'")
-    fixed = any(isinstance(content.get(k), list) and content[k] for k in ("validation", "test"))
+    keys = ("training", "validation", "test")
+    entries = [(k, i, e) for k in keys for i, e in enumerate(content.get(k) or [])]
+    fixed = any(key != "training" for key, _, _ in entries)
     records = []
-    for key in ("training", "validation", "test"):
-        for i, item in enumerate(content.get(key) or []):
-            if not isinstance(item, dict) or "image" not in item:
-                raise DataError(f"datalist '{path}': {key} entry {i} has no 'image'")
-            image = (path.parent / item["image"]).resolve()
-            label = (path.parent / item["label"]).resolve() if item.get("label") else None
-            case = str(item.get("case") or _case_name(image, path.parent))
-            rec = _record(case, image, label, f"{key} entry {i} ({image}) has no mask (no 'label')")
-            if item.get("healthy"):
-                rec["healthy"] = str((path.parent / item["healthy"]).resolve())
-            if fixed:
-                rec["split"] = key
-            records.append(rec)
+    for key, i, item in entries:
+        if not isinstance(item, dict) or "image" not in item:
+            raise DataError(f"datalist '{path}': {key} entry {i} has no 'image'")
+        image = (path.parent / item["image"]).resolve()
+        label = (path.parent / item["label"]).resolve() if item.get("label") else None
+        case = str(item.get("case") or _case_name(image, path.parent))
+        rec = _record(case, image, label, f"{key} entry {i} ({image}) has no mask (no 'label')")
+        if item.get("healthy"):
+            rec["healthy"] = str((path.parent / item["healthy"]).resolve())
+        if fixed:
+            rec["split"] = key
+        records.append(rec)
     return records
+
+
+def datalist_images(datalist: str | Path) -> list[dict[str, str]]:
+    """``[{"case", "image"}]`` of a datalist for inference: a list, or the ``training`` /
+    ``validation`` / ``test`` / ``testing`` lists of a Decathlon-style file (a run's
+    ``datalist.json``, a dataset's ``dataset.json``); entries are paths or ``{"image", "case"}``;
+    labels are not needed. Relative paths are relative to the file."""
+    path = Path(datalist).expanduser()
+    cases: list[dict[str, str]] = []
+    seen: set[str] = set()  # images and case names already taken
+    content = _read_datalist(path)
+    if isinstance(content, dict):
+        keys = ("training", "validation", "test", "testing")
+        entries = [e for k in keys if isinstance(content.get(k), list) for e in content[k]]
+    else:
+        entries = content if isinstance(content, list) else []
+    for n, entry in enumerate(entries):
+        image = entry.get("image") if isinstance(entry, dict) else entry
+        if not isinstance(image, str):
+            raise DataError(f"datalist '{path}': entry {n} names no image")
+        full = str((path.parent / image).resolve())
+        if full in seen:  # a case listed under two keys is synthesized once
+            continue
+        case = entry.get("case") if isinstance(entry, dict) else None
+        case = str(case).replace("/", "__") if case else EXT_RE.sub("", Path(full).name)
+        if case in seen:  # same file name in two folders: keep both
+            case = f"{case}_{n}"
+        seen.update((full, case))
+        cases.append({"case": case, "image": full})
+    if not cases:
+        raise DataError(f"datalist '{path}' lists no image")
+    return cases
+
+
+def find_images(path: str | Path) -> list[dict[str, str]]:
+    """``[{"case", "image"}]`` to apply a model to: a file, a JSON datalist, a BraTS or ISLES
+    folder (their images of the default modality), or any folder of NIfTI images (masks, ground
+    truths and earlier outputs skipped by name)."""
+    path = Path(str(path)).expanduser()
+    if not path.exists():
+        raise DataError(f"input '{path}' does not exist")
+    if path.is_file() and path.suffix == ".json":
+        return datalist_images(path)
+    if path.is_file():
+        return [{"case": EXT_RE.sub("", path.name), "image": str(path)}]
+    for kind in ("brats", "isles"):
+        try:
+            found = discover(kind, path)
+        except DataError:
+            continue
+        return [{"case": r["case"], "image": r["image"]} for r in found]
+    images = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and EXT_RE.search(p.name) and not NOT_IMAGES.search(p.name)
+    )
+    if not images:
+        raise DataError(f"no NIfTI image found under '{path}'")
+    names = [str(p.relative_to(path)).replace(os.sep, "__") for p in images]
+    return [
+        {"case": EXT_RE.sub("", n), "image": str(p)} for n, p in zip(names, images, strict=True)
+    ]
 
 
 def _case_name(image: Path, base: Path) -> str:

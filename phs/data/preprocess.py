@@ -1,4 +1,5 @@
-"""The paper's preprocessing of one volume, as MONAI dictionary transforms.
+"""The paper's preprocessing of one volume, as MONAI dictionary transforms: one definition for
+training (the slice cache) and inference (``phs.synthesize``), see :func:`volume_transforms`.
 
 Steps, in order (keys ``image``, ``label`` and, where present, ``healthy``):
 
@@ -9,8 +10,8 @@ Steps, in order (keys ``image``, ``label`` and, where present, ``healthy``):
 4. intensity: shift so the background is 0, then the paper's clip to ``[0, V99.5]`` and scale
    to ``[0, 1]`` (see :class:`BackgroundAwareScaled`);
 5. crop to the brain's bounding box, then pad/crop in-plane to ``slice_size`` (centred on the
-   brain) and keep the middle ``n_slices`` axial slices *of the brain's extent* (of the volume
-   would depend on the field of view; for BraTS the two agree within a few slices);
+   brain); training keeps the middle ``n_slices`` axial slices *of the brain's extent* (of the
+   volume would depend on the field of view; for BraTS the two agree within a few slices);
 6. the mask becomes binary: any non-zero label is pathology.
 """
 
@@ -32,14 +33,14 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
-    ResizeWithPadOrCropd,
     Spacingd,
+    SpatialPadd,
 )
 
 from phs.errors import DataError
 
 AXCODES = "PLS"
-_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 @dataclass(frozen=True)
@@ -165,23 +166,38 @@ def _brain(x: torch.Tensor) -> torch.Tensor:
     return x > 0
 
 
-def build_transforms(cfg: PreprocessConfig, keys: Sequence[str]) -> Compose:
-    """The deterministic volume pipeline after loading (orientation to slice selection)."""
+def volume_transforms(cfg: PreprocessConfig, keys: Sequence[str]) -> Compose:
+    """The one preprocessing chain of training and inference, after loading.
+
+    Orientation, resampling, the intensity mapping (fitted on the resampled volume), binary mask,
+    crop to the brain and in-plane pad/crop to ``slice_size``, centred on the brain. Every slice is
+    kept: training then keeps the :func:`middle_slices`; inference runs them all. The geometric
+    steps are invertible (MONAI), so outputs map back to the input's grid.
+    """
     keys = list(keys)
     img_keys = [k for k in keys if k != "label"]
     modes = ["nearest" if k == "label" else "bilinear" for k in keys]
     h, w = cfg.slice_size
     return Compose(
         [
-            Orientationd(keys, axcodes=AXCODES, labels=_LABELS),
+            Orientationd(keys, axcodes=AXCODES, labels=LABELS),
             Spacingd(keys, pixdim=cfg.spacing, mode=modes, dtype=np.float32),
             BackgroundAwareScaled(img_keys, method=cfg.normalize, percentile=cfg.percentile),
             BinarizeLabeld(["label"], allow_missing_keys=True),
             CropForegroundd(keys, source_key="image", select_fn=_brain, allow_smaller=True),
-            ResizeWithPadOrCropd(keys, spatial_size=(h, w, -1)),
-            CenterSpatialCropd(keys, roi_size=(-1, -1, cfg.n_slices)),
+            # ResizeWithPadOrCrop as two steps whose inverses MONAI applies cleanly
+            SpatialPadd(keys, spatial_size=(h, w, -1)),
+            CenterSpatialCropd(keys, roi_size=(h, w, -1)),
         ]
     )
+
+
+def middle_slices(n_total: int, n_slices: int) -> slice:
+    """The middle ``n_slices`` of ``n_total`` axial slices (MONAI's centre-crop convention)."""
+    if n_slices >= n_total:
+        return slice(0, n_total)
+    start = n_total // 2 - n_slices // 2
+    return slice(start, start + n_slices)
 
 
 def check_headers(record: Mapping[str, Any]) -> None:
@@ -224,7 +240,7 @@ def check_headers(record: Mapping[str, Any]) -> None:
             raise DataError(f"{key} {path} is not on the image's grid (different affine)", case)
 
 
-def _check_values(d: Mapping[str, Any], case: str) -> None:
+def check_values(d: Mapping[str, Any], case: str) -> None:
     for key in ("image", "label", "healthy"):
         if key not in d:
             continue
@@ -241,11 +257,11 @@ def _check_values(d: Mapping[str, Any], case: str) -> None:
         raise DataError(f"image {d['image_path']} is empty (constant value everywhere)", case)
 
 
-def load_and_preprocess(record: Mapping[str, Any], cfg: PreprocessConfig) -> dict[str, Any]:
-    """Load one case and return its selected slices as numpy arrays, shape ``(Z, H, W)``.
+def load_volumes(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The one volume loader: check the headers, load ``image`` (and ``label`` / ``healthy`` when
+    the record names them) as channel-first MetaTensors ``[1, X, Y, Z]``, check the values.
 
-    Returns ``image`` (float32 in [0, 1]), ``label`` (uint8 0/1), ``healthy`` (float32, when the
-    case has a ground truth), and ``intensity`` / ``source_shape`` / ``source_affine`` metadata.
+    Returns the volumes and ``<key>_path`` entries; raises :class:`DataError` naming the case.
     """
     case = record["case"]
     check_headers(record)
@@ -262,24 +278,45 @@ def load_and_preprocess(record: Mapping[str, Any], cfg: PreprocessConfig) -> dic
         # a trailing singleton 4th dimension (X, Y, Z, 1) is a 3D volume
         while loaded[k].ndim > 4 and loaded[k].shape[-1] == 1:
             loaded[k] = loaded[k][..., 0]
-    _check_values(loaded, case)
-    src_affine = np.asarray(loaded["image"].affine, dtype=np.float64)
-    src_shape = list(loaded["image"].shape[1:])
+    check_values(loaded, case)
+    return loaded
+
+
+def preprocess_volumes(
+    loaded: Mapping[str, Any], cfg: PreprocessConfig, case: str = ""
+) -> tuple[dict[str, Any], Compose]:
+    """:func:`volume_transforms` applied to loaded volumes; returns the output (every slice) and
+    the chain (whose ``inverse`` maps outputs back to the input's grid)."""
+    keys = [k for k in ("image", "label", "healthy") if k in loaded]
+    transform = volume_transforms(cfg, keys)
     try:
-        out = build_transforms(cfg, keys)({k: loaded[k] for k in keys})
+        out = transform({k: loaded[k] for k in keys})
     except DataError as err:
         raise DataError(err.problem, case) from None
     except Exception as err:  # MONAI wraps errors in RuntimeError("applying transform ...")
         cause = err.__cause__ or err
         raise DataError(f"preprocessing failed: {type(cause).__name__}: {cause}", case) from None
+    return out, transform
+
+
+def load_and_preprocess(record: Mapping[str, Any], cfg: PreprocessConfig) -> dict[str, Any]:
+    """Load one case and return its training slices as numpy arrays, shape ``(Z, H, W)``.
+
+    Returns ``image`` (float32 in [0, 1]), ``label`` (uint8 0/1), ``healthy`` (float32, when the
+    case has a ground truth), and ``intensity`` / ``source_shape`` / ``source_affine`` metadata.
+    """
+    loaded = load_volumes(record)
+    out, _ = preprocess_volumes(loaded, cfg, record["case"])
+    keys = [k for k in ("image", "label", "healthy") if k in out]
+    z = middle_slices(out["image"].shape[-1], cfg.n_slices)
     result: dict[str, Any] = {
-        k: np.ascontiguousarray(np.moveaxis(np.asarray(out[k][0]), -1, 0)) for k in keys
+        k: np.ascontiguousarray(np.moveaxis(np.asarray(out[k][0][..., z]), -1, 0)) for k in keys
     }
     result["image"] = result["image"].astype(np.float32)
     result["label"] = result["label"].astype(np.uint8)
     if "healthy" in result:
         result["healthy"] = result["healthy"].astype(np.float32)
     result["intensity"] = out["intensity"]
-    result["source_shape"] = src_shape
-    result["source_affine"] = src_affine.tolist()
+    result["source_shape"] = list(loaded["image"].shape[1:])
+    result["source_affine"] = np.asarray(loaded["image"].affine, dtype=np.float64).tolist()
     return result

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from phs.errors import DataError
+from phs.io import write_json
 
 SPLITS = ("training", "validation", "test")
 
@@ -88,7 +88,6 @@ def write_datalist(
 ) -> Path:
     """Write the split as a Decathlon-style datalist (absolute paths), readable by ``data=folder``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     keep = ("case", "image", "label", "healthy")
     content: dict[str, Any] = {"description": "phs split (by volume)", **info}
     for name, recs in splits.items():
@@ -96,7 +95,4 @@ def write_datalist(
             {k: (os.path.abspath(r[k]) if k != "case" else r[k]) for k in keep if r.get(k)}
             for r in recs
         ]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json(path, content)

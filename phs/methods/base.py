@@ -1,5 +1,5 @@
 """What every method shares: manual optimisation plumbing, declared losses and visuals,
-optimizer partials, and the validation/test metrics (one place, used by train and evaluate)."""
+optimizer partials, and the hooks that hand validation/test batches to :mod:`phs.evaluation`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from phs import metrics
 from phs.errors import PhsError
+from phs.evaluation import Evaluator
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -60,10 +60,11 @@ class PHSMethod(pl.LightningModule):
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
         self.optimizer_d_factory = optimizer_d or optimizer
-        self.test_rows: list[dict[str, Any]] = []
+        self.evaluator = Evaluator()  # a submodule: its torchmetrics move and reduce with the model
         # the run's resolved config, saved in checkpoints
         self.phs_config: dict[str, Any] | None = None
         self.batches_seen = 0  # drives critic schedules; restored on resume
+        self._finite_queue: list[tuple[int, list[str], torch.Tensor]] = []  # see check_finite
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # global RNG states (dropout, image pools) so a resumed run continues exactly
@@ -127,6 +128,7 @@ class PHSMethod(pl.LightningModule):
             g = {}
         d = self.discriminator_loss(batch, {k: v.detach() for k, v in fakes.items()})
         self.check_finite(d)
+        self.check_declared({*g, *d}, complete=update_g)
         counted = not update_g  # one global step per batch: only the batch's first update counts
         for opt, loss in zip(opt_ds, d.values(), strict=True):
             self.optimize(opt, loss, counted=counted)
@@ -165,15 +167,46 @@ class PHSMethod(pl.LightningModule):
                 opt._on_before_step, opt._on_after_step = before, after
         self.untoggle_optimizer(opt)
 
-    def check_finite(self, losses: dict[str, torch.Tensor]) -> None:
-        """Stop before a non-finite loss reaches the weights, naming the term and the step."""
-        if losses and not bool(
-            torch.isfinite(torch.stack([v.detach().float() for v in losses.values()])).all()
-        ):
-            bad = next(k for k, v in losses.items() if not torch.isfinite(v))
-            raise FloatingPointError(
-                f"loss '{bad}' is {losses[bad].item()} at step {self.global_step}"
+    def check_declared(self, names: set[str], complete: bool = True) -> None:
+        """The loss terms a step returned are the ones the method declares in ``loss_names``
+        (all of them on a generator step), so loggers and dashboards can rely on the list."""
+        declared = set(self.loss_names)
+        if names - declared or (complete and declared - names):
+            raise PhsError(
+                f"{type(self).__name__} returned losses {sorted(names)} but declares "
+                f"loss_names {sorted(declared)}"
             )
+
+    def check_finite(self, losses: dict[str, torch.Tensor]) -> None:
+        """Stop on a non-finite loss, naming the term and the step.
+
+        On the CPU every update is checked before it reaches the weights. On an accelerator a
+        per-step check would stall the device queue (a tensor turned into a Python bool), so
+        the terms are queued on the device and checked together every ``log_every_n_steps``
+        steps (one host sync, where the loggers sync anyway) and at the end of each epoch."""
+        if not losses:
+            return
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        self._finite_queue.append((self.global_step, list(losses), values))
+        interval = getattr(getattr(self, "_trainer", None), "log_every_n_steps", 1) or 1
+        if values.device.type == "cpu" or len(self._finite_queue) >= interval:
+            self.flush_finite_checks()
+
+    def flush_finite_checks(self) -> None:
+        """Check every queued loss (one host sync) and raise at the first non-finite one."""
+        queue, self._finite_queue = self._finite_queue, []
+        if not queue:
+            return
+        ok = torch.isfinite(torch.cat([v for _, _, v in queue])).all()
+        if bool(ok):
+            return
+        for step, names, values in queue:
+            for name, value in zip(names, values.tolist(), strict=True):
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"loss '{name}' is {value} at step {step}")
+
+    def on_train_epoch_end(self) -> None:
+        self.flush_finite_checks()
 
     def log_losses(self, losses: dict[str, torch.Tensor], prog_bar: Iterable[str] = ()) -> None:
         bar = set(prog_bar)
@@ -182,7 +215,7 @@ class PHSMethod(pl.LightningModule):
                 f"train/{name}", value.detach(), prog_bar=name in bar, on_step=True, on_epoch=False
             )
 
-    # -- evaluation -----------------------------------------------------------------------------
+    # -- evaluation (phs/evaluation.py) -----------------------------------------------------------
     @torch.no_grad()
     def visuals(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The declared visuals for a batch (for image grids and loggers)."""
@@ -192,43 +225,20 @@ class PHSMethod(pl.LightningModule):
         everything = {**batch, **out}
         return {k: everything[k] for k in self.visual_names if k in everything}
 
-    @torch.no_grad()
-    def slice_metrics(self, batch: dict[str, Any], test: bool = False) -> dict[str, torch.Tensor]:
-        """Per-slice metrics ``[B]`` of one evaluation batch; ``test`` adds f_pre's counts (for
-        healthiness) and feeds the pooled anomaly-detection curves."""
-        x_p, m_p = batch["x_p"], batch["m_p"]
-        out = self.synthesize(x_p)
-        result: dict[str, torch.Tensor] = {}
-        brain = (x_p > 0) | (m_p > 0.5)
-        if "pseudo_healthy" in out:
-            x_ph = out["pseudo_healthy"].float()
-            result["identity"] = metrics.identity(x_ph, x_p, m_p)
-            if "x_gt" in batch:
-                result.update(metrics.ground_truth_metrics(x_ph, batch["x_gt"], m_p, x_p))
-            if test:
-                self.anomaly["anomaly_residual"].update((x_p - x_ph).abs(), m_p, brain)
-                if self.f_pre is not None:
-                    result["n_pred"] = (self.f_pre(x_ph) > 0.5).flatten(1).sum(1).float()
-        if "mask" in out:
-            result["dice"] = metrics.dice(out["mask"].float(), m_p)
-            if test:
-                self.anomaly["anomaly_mask"].update(out["mask"], m_p, brain)
-        if test and self.f_pre is not None:
-            result["f_pre_dice"] = metrics.dice(self.f_pre(x_p), m_p)
-            result["n_true"] = (m_p > 0.5).flatten(1).sum(1).float()
-        return result
-
-    # -- f_pre, the evaluation segmentor (never trained or saved with the method) ----------------
     @property
     def f_pre(self) -> nn.Module | None:
-        return self._f_pre[0] if getattr(self, "_f_pre", None) else None
+        return self.evaluator.f_pre
 
     def attach_f_pre(self, net: nn.Module | None) -> None:
-        """Use ``net`` (a trained segmentor) to measure healthiness in the test stage."""
-        self._f_pre = [net.eval()] if net is not None else []  # a list: not a registered submodule
+        """Use ``net`` (a trained segmentor, never trained or saved with the method) to measure
+        healthiness in the test stage."""
+        self.evaluator.attach_f_pre(net)
+        if net is not None:
+            net.to(self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        for name, values in self.slice_metrics(batch).items():
+        out = self.synthesize(batch["x_p"])
+        for name, values in self.evaluator.slice_metrics(batch, out).items():
             values = values[~torch.isnan(values)]
             if len(values):
                 self.log(
@@ -240,62 +250,22 @@ class PHSMethod(pl.LightningModule):
                 )
 
     def on_test_epoch_start(self) -> None:
-        self.test_rows = []
-        self.anomaly = {
-            "anomaly_residual": metrics.AnomalyDetection(),
-            "anomaly_mask": metrics.AnomalyDetection(),
-        }
-        if self.f_pre is not None:
-            self.f_pre.to(self.device)
+        self.evaluator.reset()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        per_slice = self.slice_metrics(batch, test=True)
-        for i in range(len(batch["x_p"])):
-            row = {"case": batch["case"][i], "slice": int(batch["slice"][i])}
-            row.update({k: float(v[i]) for k, v in per_slice.items()})
-            self.test_rows.append(row)
-        for name, values in per_slice.items():
-            values = values[~torch.isnan(values)]
-            if len(values) and not name.startswith("n_"):
-                self.log(f"test/{name}", values.mean(), batch_size=len(values), sync_dist=True)
+        out = self.synthesize(batch["x_p"])
+        self.evaluator.add_rows(batch, self.evaluator.slice_metrics(batch, out, test=True))
 
     def on_test_epoch_end(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # every rank saw a shard (padded by the sampler): gather, then drop the repeats
-            shards: list[list[dict[str, Any]]] = [
-                [] for _ in range(torch.distributed.get_world_size())
-            ]
-            torch.distributed.all_gather_object(shards, self.test_rows)
-            unique = {(r["case"], r["slice"]): r for shard in shards for r in shard}
-            self.test_rows = sorted(unique.values(), key=lambda r: (r["case"], r["slice"]))
-        if self.test_rows and "n_pred" in self.test_rows[0]:
-            mean_true = sum(r["n_true"] for r in self.test_rows) / len(self.test_rows)
-            for r in self.test_rows:  # per-slice terms whose mean is the paper's healthiness
-                r["healthiness"] = float(
-                    metrics.healthiness_per_slice(torch.tensor(r["n_pred"]), mean_true)
-                )
+        summary = self.evaluator.finish()  # identical on every rank: logged without a sync
+        for name, value in summary.items():
+            if value["mean"] is not None and not math.isnan(value["mean"]):
+                self.log(f"test/{name}", float(value["mean"]), sync_dist=False)
 
-    def test_summary(self) -> dict[str, dict[str, float | None]]:
-        """``{metric: {mean, std, n}}``: per-slice metrics over test slices (NaN entries, e.g. a
-        slice with no lesion, skipped); pooled anomaly-detection metrics with ``std`` None and
-        ``n`` the number of pixels."""
-        names = [
-            k
-            for k in (self.test_rows[0] if self.test_rows else {})
-            if k not in ("case", "slice", "n_pred", "n_true")
-        ]
-        summary: dict[str, dict[str, float | None]] = {}
-        for name in names:
-            vals = torch.tensor(
-                [r[name] for r in self.test_rows if not math.isnan(r[name])], dtype=torch.float64
-            )
-            summary[name] = {
-                "mean": float(vals.mean()) if len(vals) else math.nan,
-                "std": float(vals.std(unbiased=False)) if len(vals) else math.nan,
-                "n": len(vals),
-            }
-        for name, acc in getattr(self, "anomaly", {}).items():
-            if acc.n:
-                for key, value in acc.compute().items():
-                    summary[f"{name}_{key}"] = {"mean": value, "std": None, "n": acc.n}
-        return summary
+    @property
+    def test_rows(self) -> list[dict[str, Any]]:
+        return self.evaluator.rows
+
+    def test_summary(self) -> dict[str, dict[str, Any]]:
+        """``{metric: {mean, std, n}}`` of the last test stage (see :mod:`phs.evaluation`)."""
+        return self.evaluator.summary

@@ -159,28 +159,33 @@ class ProposedPaired(PHSMethod):
                 loss = loss - (t * p.log() + (1 - t) * (1 - p).log()).mean()
         return loss
 
+    def cycle_terms(self, batch: dict[str, Any], c: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """L_CC's three L1 terms (P-H image, H-H image, H-H mask) and their sum ``cc``."""
+        t = {
+            "cc_ph": l1(c["x_rec"], batch["x_p"]),
+            "cc_hh_image": l1(c["x_hh_rec"], batch["x_h"]),
+            "cc_hh_mask": l1(c["m_hh_rec"], c["m_h"]),  # L1, not Dice: Dice is undefined on 0
+        }
+        return {**t, "cc": t["cc_ph"] + t["cc_hh_image"] + t["cc_hh_mask"]}
+
+    def image_gan(self, c: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L_GAN1, generator side: G(x_p) (and R(x_h, 0) with empty masks) should look healthy."""
+        gan1 = self.adv.generator(self.D_x(c["x_ph"]))
+        if self.hh_masks == "empty":
+            gan1 = gan1 + self.adv.generator(self.D_x(c["x_hh"]))
+        return gan1
+
     def generator_loss(
         self, batch: dict[str, Any], c: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        x_p, x_h = batch["x_p"], batch["x_h"]
-        cc_ph = l1(c["x_rec"], x_p)
-        cc_hh_image = l1(c["x_hh_rec"], x_h)
-        cc_hh_mask = l1(c["m_hh_rec"], c["m_h"])  # L1, not Dice: Dice is undefined on an empty mask
-        cc = cc_ph + cc_hh_image + cc_hh_mask
-        gan1 = self.adv.generator(self.D_x(c["x_ph"]))
-        if self.hh_masks == "empty":  # R(x_h, 0) should look healthy too
-            gan1 = gan1 + self.adv.generator(self.D_x(c["x_hh"]))
-        seg = self.segmentation_loss(c["m_ph"], batch)
-        loss = self.lambda_cc * cc + self.lambda_gan * gan1 + self.lambda_seg * seg
-        return {
-            "loss": loss,
-            "cc": cc,
-            "cc_ph": cc_ph,
-            "cc_hh_image": cc_hh_image,
-            "cc_hh_mask": cc_hh_mask,
-            "gan1": gan1,
-            "seg": seg,
-        }
+        """L = lambda_cc * L_CC + lambda_gan * L_GAN1 + lambda_seg * L_Seg."""
+        t = self.cycle_terms(batch, c)
+        t["gan1"] = self.image_gan(c)
+        t["seg"] = self.segmentation_loss(c["m_ph"], batch)
+        t["loss"] = (
+            self.lambda_cc * t["cc"] + self.lambda_gan * t["gan1"] + self.lambda_seg * t["seg"]
+        )
+        return t
 
     def discriminator_loss(
         self, batch: dict[str, Any], c: dict[str, torch.Tensor]
@@ -232,14 +237,18 @@ class ProposedUnpaired(ProposedPaired):
         """No annotation when unpaired: S's own mask."""
         return (m_ph.detach() > 0.5).float()
 
-    def segmentation_loss(self, m_ph: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """L_GAN2 (generator side): S's masks should look like real masks to D_m."""
-        return self.adv.generator(self.D_m(m_ph))
-
-    def generator_loss(self, batch, c):
-        out = super().generator_loss(batch, c)
-        out["gan2"] = out.pop("seg")
-        return out
+    def generator_loss(
+        self, batch: dict[str, Any], c: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """L = lambda_cc * L_CC + lambda_gan * L_GAN1 + lambda_seg * L_GAN2, where L_GAN2 asks
+        S's masks to look like real masks to D_m."""
+        t = self.cycle_terms(batch, c)
+        t["gan1"] = self.image_gan(c)
+        t["gan2"] = self.adv.generator(self.D_m(c["m_ph"]))
+        t["loss"] = (
+            self.lambda_cc * t["cc"] + self.lambda_gan * t["gan1"] + self.lambda_seg * t["gan2"]
+        )
+        return t
 
     def discriminator_loss(self, batch, c):
         return {

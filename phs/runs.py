@@ -1,0 +1,138 @@
+"""What the apps run: fit and test one method, test one checkpoint. The Hydra apps
+(``phs.train``, ``phs.evaluate``, ``phs.reproduce``, ``phs.ablate``) compose a config and call
+these; they never import each other."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from phs.checkpoint import load_method
+from phs.errors import PhsError
+from phs.evaluation import Evaluator, Summary, write_metrics
+from phs.methods import PHSMethod
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a ``{name: {_target_: ...}}`` group (callbacks, loggers)."""
+    return [hydra.utils.instantiate(c) for c in (cfg or {}).values() if c and "_target_" in c]
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit and test one method into ``cfg.paths.output_dir``; returns the monitored validation
+    metric (for sweepers). Writes ``checkpoints/``, ``datalist.json`` and, with ``test``,
+    ``metrics.json``, ``test_metrics.csv`` and ``test_samples.png``."""
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model: PHSMethod = hydra.utils.instantiate(cfg.model)
+    model.phs_config = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.get("compile"):  # each network, in place: parameter names (and checkpoints) unchanged
+        for net in model.children():
+            if not isinstance(net, Evaluator):
+                net.compile()
+    for cb in (cfg.get("callbacks") or {}).values():  # default monitor: the method's own metric
+        if (
+            cb
+            and str(cb.get("_target_", "")).endswith("ModelCheckpoint")
+            and cb.get("monitor", "") is None
+        ):
+            cb.monitor, cb.mode = model.monitor
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    if not loggers:  # nothing to send learning rates to
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False
+    )
+    for lg in trainer.loggers:  # the resolved config, on every logger (rank 0 only)
+        lg.log_hyperparams(model.phs_config)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    ckpt_cb = trainer.checkpoint_callback
+    if ckpt_cb is not None and ckpt_cb.dirpath and not trainer.fast_dev_run:
+        # the final state, whatever stopped training (max_steps mid-epoch skips the epoch-end save)
+        trainer.save_checkpoint(Path(ckpt_cb.dirpath) / "last.ckpt")
+    score = trainer.callback_metrics.get(cfg.get("optimized_metric") or model.monitor[0])
+    if cfg.get("test"):
+        trainer.test(model, datamodule=datamodule)
+        if trainer.is_global_zero:  # one rank writes the files
+            metrics = write_metrics(out_dir, model.test_summary(), model.test_rows)
+            log.info(
+                "test metrics: %s",
+                {k: round(v["mean"], 4) for k, v in metrics.items() if v["mean"] is not None},
+            )
+    print(f"run folder: {out_dir}")
+    return float(score) if score is not None else None
+
+
+def data_config(run_cfg: dict[str, Any], override: DictConfig | None, out_dir: Path) -> DictConfig:
+    """The checkpoint's data config, or the user's with the checkpoint's preprocessing."""
+    cfg = OmegaConf.create(run_cfg["data"])
+    if override is not None:
+        cfg = OmegaConf.merge(override, {"preprocess": cfg.preprocess})
+    cfg.datalist_out = str(out_dir / "datalist.json")
+    return cfg
+
+
+def evaluate_checkpoint(
+    ckpt_path: str,
+    segmentor_ckpt: str | None,
+    data: DictConfig | None,
+    out_dir: Path,
+    accelerator: str = "auto",
+    split: str = "test",
+) -> Summary:
+    """Test one checkpoint (with f_pre when given) on ``split`` (``test`` or ``validation``);
+    write and return its metrics."""
+    split = {"val": "validation"}.get(split, split)
+    if split not in ("test", "validation"):
+        raise PhsError(f"split must be 'test' or 'validation', not '{split}'")
+    model, run_cfg = load_method(ckpt_path)
+    if segmentor_ckpt:
+        f_pre, _ = load_method(segmentor_ckpt)
+        model.attach_f_pre(f_pre.S)
+    datamodule = hydra.utils.instantiate(data_config(run_cfg, data, out_dir))
+    datamodule.test_split = split
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        default_root_dir=str(out_dir),
+        enable_checkpointing=False,
+        callbacks=[
+            hydra.utils.instantiate({"_target_": "phs.callbacks.SampleGrid", "n_samples": 6})
+        ],
+    )
+    trainer.test(model, datamodule=datamodule)
+    return write_metrics(out_dir, model.test_summary(), model.test_rows)
+
+
+def train_once(run_dir: Path, overrides: list[str]) -> tuple[Path, float]:
+    """Train ``conf/train.yaml`` with ``overrides`` into ``run_dir`` unless it already holds a
+    finished run (``checkpoints/last.ckpt`` and ``train_minutes.txt``; a run killed mid-way has
+    no ``train_minutes.txt`` and is trained again). Returns the checkpoint and the minutes."""
+    import time
+
+    from phs.io import write_text
+
+    ckpt, done = run_dir / "checkpoints" / "last.ckpt", run_dir / "train_minutes.txt"
+    if ckpt.exists() and done.exists():
+        log.info("reusing %s", run_dir)
+        return ckpt, float(done.read_text())
+    t0 = time.perf_counter()
+    train(hydra.compose("train", overrides=[*overrides, f"paths.output_dir={run_dir}"]))
+    minutes = (time.perf_counter() - t0) / 60
+    write_text(done, f"{minutes:.2f}\n")
+    return ckpt, minutes

@@ -1,0 +1,115 @@
+"""The evaluation module as the methods hold it: registered metrics, declared losses, NaN guard."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytest
+import torch
+from conftest import METHODS, MODELS, build, tiny_config
+from torchmetrics import Metric
+
+from phs.errors import PhsError
+from phs.evaluation import Evaluator, summarize
+
+
+def _metrics_reachable(obj: Any, seen: set[int] | None = None) -> set[int]:
+    """ids of every torchmetrics Metric reachable through attributes, lists and dicts."""
+    seen = set() if seen is None else seen
+    found: set[int] = set()
+    if id(obj) in seen or isinstance(obj, str | bytes | int | float | torch.Tensor):
+        return found
+    seen.add(id(obj))
+    if isinstance(obj, Metric):
+        found.add(id(obj))
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, list | tuple | set):
+        children = list(obj)
+    elif isinstance(obj, torch.nn.Module) or type(obj).__module__.startswith("phs"):
+        children = list(vars(obj).values())
+    else:
+        children = []
+    for child in children:
+        found |= _metrics_reachable(child, seen)
+    return found
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_metric_is_a_registered_submodule(model: str, tmp_path: Path) -> None:
+    """``.to(device)`` and DDP reduction reach a metric only if it is in ``module.modules()``."""
+    method = hydra.utils.instantiate(tiny_config(tmp_path, None, f"model={model}").model)
+    reachable = _metrics_reachable(method)
+    registered = {id(m) for m in method.modules() if isinstance(m, Metric)}
+    assert len(reachable) >= 2  # the two pooled anomaly-detection curves
+    assert reachable <= registered
+    # and they follow the module's dtype/device moves
+    method.to(torch.float64)
+    for m in method.modules():
+        if isinstance(m, Metric):
+            assert m.confmat.device == next(method.parameters()).device
+
+
+def test_anomaly_curves_are_reset_and_pooled() -> None:
+    ev = Evaluator(thresholds=11)
+    x_p = torch.zeros(2, 1, 16, 16)
+    x_p[:, :, 2:14, 2:14] = 0.5
+    m_p = torch.zeros_like(x_p)
+    m_p[:, :, 5:9, 5:9] = 1
+    perfect = {"pseudo_healthy": x_p - 0.4 * m_p, "mask": m_p}
+    batch = {"x_p": x_p + 0 * m_p, "m_p": m_p, "case": ["a", "a"], "slice": torch.tensor([0, 1])}
+    ev.reset()
+    ev.add_rows(batch, ev.slice_metrics(batch, perfect, test=True))
+    summary = ev.finish()
+    assert summary["anomaly_residual_auprc"]["mean"] == pytest.approx(1.0)
+    assert summary["anomaly_mask_auprc"]["mean"] == pytest.approx(1.0)
+    assert summary["anomaly_residual_auprc"]["n"] == int(((x_p > 0) | (m_p > 0)).sum())
+    assert [r["slice"] for r in ev.rows] == [0, 1]
+    ev.reset()  # a second test stage starts from nothing
+    assert not ev.rows and all(m.update_count == 0 for m in ev.anomaly.values())
+
+
+def test_summary_skips_nan_and_counts() -> None:
+    rows = [
+        {"case": "a", "slice": 0, "dice": 0.5, "n_pred": 3.0},
+        {"case": "a", "slice": 1, "dice": math.nan, "n_pred": 0.0},
+        {"case": "b", "slice": 0, "dice": 1.0, "n_pred": 1.0},
+    ]
+    s = summarize(rows)
+    assert set(s) == {"dice"}
+    assert s["dice"]["n"] == 2 and s["dice"]["mean"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("model", METHODS)
+def test_generator_loss_returns_the_declared_terms(
+    model: str, brats_root: Path, tmp_path: Path
+) -> None:
+    """``loss_names`` is the contract loggers rely on: a step's terms match it exactly."""
+    dm, method = build(tiny_config(tmp_path, brats_root, f"model={model}"))
+    batch = next(iter(dm.train_dataloader()))
+    fakes = method.fakes(batch)
+    g = method.generator_loss(batch, fakes)
+    d = method.discriminator_loss(batch, {k: v.detach() for k, v in fakes.items()})
+    assert {*g, *d} == set(method.loss_names)
+    method.check_declared({*g, *d})
+    with pytest.raises(PhsError, match="declares"):
+        method.check_declared({*g, *d, "typo"})
+    with pytest.raises(PhsError, match="declares"):
+        method.check_declared(set(g) - {"loss"})
+
+
+def test_deferred_finite_check_names_the_term_and_step(tmp_path: Path) -> None:
+    """On an accelerator the NaN guard is queued and checked in one sync; the error still
+    names the term and the step it happened at."""
+    method = hydra.utils.instantiate(tiny_config(tmp_path, None, "model=cgan").model)
+    method._finite_queue = [
+        (3, ["loss", "gan"], torch.tensor([1.0, 2.0])),
+        (4, ["loss", "gan"], torch.tensor([1.0, math.inf])),
+    ]
+    with pytest.raises(FloatingPointError, match=r"loss 'gan' is inf at step 4"):
+        method.flush_finite_checks()
+    assert method._finite_queue == []
+    method.flush_finite_checks()  # nothing queued: nothing to do
