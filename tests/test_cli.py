@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
-
 TINY = ["data.preprocess.slice_size=[40,32]", "data.preprocess.n_slices=16", "data.progress=false"]
 
 
@@ -66,10 +64,6 @@ def test_bad_case_named_then_skipped(brats_root: Path, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     s = json.loads(out.read_text())
     assert s["n_cases"] == 4 and s["skipped"][0]["case"] == "Brats18_TEST_1_1"
-
-
-def test_repo_root_is_importable_package() -> None:
-    assert (REPO / "phs" / "__init__.py").exists()
 
 
 def test_phantom_then_inspect_reads_it_with_the_real_loader(tmp_path: Path) -> None:
