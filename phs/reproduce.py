@@ -149,7 +149,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     common = [
         f"data={data_choice}",
         *data_overrides,
-        f"experiment={cfg.experiment}",
+        f"experiment={cfg.train_experiment}",
         f"seed={cfg.seed}",
         *cfg.train_overrides,
     ]
@@ -181,7 +181,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     text = "\n\n".join(
         [
-            f"# Table 1 on `data={dataset}` (experiment={cfg.experiment})",
+            f"# Table 1 on `data={dataset}` (experiment={cfg.train_experiment})",
             table,
             f"Mean ± std over {next(iter(summary.values()))['identity']['n']} test slices (pathological slices "
             f"of the test volumes). Bold: best mean. *: better than the best baseline in a paired two-sided "
@@ -213,7 +213,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         out / "table1.json",
         {
             "dataset": dataset,
-            "experiment": cfg.experiment,
+            "experiment": cfg.train_experiment,
             "metrics": summary,
             "significance": sig,
             "f_pre": f_pre,

@@ -25,7 +25,7 @@ from phs.data.preprocess import PreprocessConfig, load_and_preprocess
 from phs.errors import DataError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: background tolerance in the intensity mapping
 _ARRAYS = ("image", "label", "healthy")
 
 

@@ -40,6 +40,7 @@ from monai.transforms import (
 from phs.errors import DataError
 
 AXCODES = "PLS"
+BACKGROUND_TOL = 1e-6  # mapped intensities below this are background
 LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
@@ -92,9 +93,13 @@ class Intensity:
     extra: dict = field(default_factory=dict)
 
     def apply(self, x: Any) -> Any:
-        """``x`` (array or tensor, stored units) mapped to [0, 1]."""
+        """``x`` (array or tensor, stored units) mapped to [0, 1]. Values within ``1e-6`` of the
+        background are background (resampling a constant negative background leaves float
+        noise around it, which would otherwise count as brain)."""
         y = (x - self.background) / self.scale
-        return y.clamp(0.0, 1.0) if isinstance(y, torch.Tensor) else np.clip(y, 0.0, 1.0)
+        if isinstance(y, torch.Tensor):
+            return torch.where(y < BACKGROUND_TOL, 0.0, y.clamp(max=1.0))
+        return np.where(y < BACKGROUND_TOL, 0.0, np.minimum(y, 1.0)).astype(y.dtype)
 
 
 def background_level(x: np.ndarray, min_fraction: float = 0.05) -> float:
