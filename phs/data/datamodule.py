@@ -191,6 +191,21 @@ class EpochSampler(Sampler):
         return -(-self.n // self.world_size)
 
 
+class ShardSampler(Sampler):
+    """Evaluation under DDP: rank ``r`` of ``w`` takes slices ``r, r + w, ...``, each slice exactly
+    once over all ranks (no padding repeats: the pooled anomaly curves and their pixel counts
+    equal a one-process run)."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.rank, self.world_size = n, rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
 class ResumableLoader(DataLoader):
     """A DataLoader that tells Lightning it can resume mid-epoch (the position comes from the
     restored loop progress, see ``PHSDataModule.train_dataloader``)."""
@@ -376,7 +391,17 @@ class PHSDataModule(pl.LightningDataModule):
         store = self.stores.get(split)
         if store is None or len(store) == 0:
             return []
-        return self._loader(EvalSlices(store), self.eval_batch_size, shuffle=False)
+        ds = EvalSlices(store)
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return self._loader(ds, self.eval_batch_size, shuffle=False)
+        return DataLoader(  # DDP (use_distributed_sampler=false): every slice once over the ranks
+            ds,
+            batch_size=self.eval_batch_size,
+            sampler=ShardSampler(len(ds), trainer.global_rank, trainer.world_size),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         return self._eval("validation")
