@@ -1,18 +1,77 @@
-"""Shared fixtures: tiny real NIfTI volumes in the datasets' layouts (no mocks)."""
+"""Shared helpers and fixtures: tiny real NIfTI volumes in the datasets' layouts (no mocks), the
+tiny training configuration (conf/debug/tiny.yaml) and the models found in conf/model."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pytest
+from omegaconf import DictConfig, OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real"
 
-# tiny preprocessing so tests run in seconds
-TINY_PRE = {"spacing": [1.0, 1.0, 1.0], "slice_size": [40, 32], "n_slices": 16}
+# every `model=` choice, found in conf/model; `segmentor` is f_pre, the evaluation segmentor, and
+# not a pseudo-healthy synthesis method
+MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
+F_PRE = "segmentor"
+METHODS = [m for m in MODELS if m != F_PRE]
+
+# conf/debug/tiny.yaml's preprocessing (spacing, slice_size, n_slices), for tests that build a
+# PreprocessConfig or the data module themselves
+TINY_PRE = OmegaConf.to_container(
+    OmegaConf.load(REPO / "conf" / "debug" / "tiny.yaml").data.preprocess
+)
+
+
+def tiny_config(tmp_path: Path, root: Path | None, *overrides: str) -> DictConfig:
+    """The train config of ``python -m phs.train debug=tiny``, composed in the test's process.
+
+    The cache (``paths.cache_dir``) and the run folder (``paths.output_dir``) are under
+    ``tmp_path``. ``root``: a BraTS-layout folder such as the ``brats_root`` fixture, read with
+    ``data=brats`` and a split for its few volumes (test 0.2, validation 0.25: 1, 1 and 3 of 5);
+    None keeps the default data (the phantom, never generated unless a test instantiates it).
+    No experiment unless ``overrides`` name one: the precision is 32-true (the default
+    ``experiment=demo`` would only add bf16-mixed, tiny.yaml sets the rest of what it changes).
+    ``overrides`` come last. Usage: ``train(tiny_config(tmp_path, brats_root, "model=cgan"))``.
+    """
+    from hydra import compose, initialize_config_dir
+
+    data = []
+    if root is not None:
+        data = [
+            "data=brats",
+            f"data.root={root}",
+            "data.split.test_fraction=0.2",
+            "data.split.val_fraction=0.25",
+        ]
+    experiment = (
+        [] if any(o.lstrip("~+").startswith("experiment") for o in overrides) else ["~experiment"]
+    )
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[
+                "debug=tiny",
+                *experiment,
+                *data,
+                f"paths.cache_dir={tmp_path / 'cache'}",
+                f"paths.output_dir={tmp_path / 'run'}",
+                *overrides,
+            ],
+        )
+
+
+def build(cfg: DictConfig) -> tuple[Any, Any]:
+    """The data module (set up for fitting) and the model of a train config."""
+    import hydra
+
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup("fit")
+    return dm, hydra.utils.instantiate(cfg.model)
 
 
 def brain_volume(

@@ -3,66 +3,32 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import hydra
 import pytest
 import torch
-from conftest import REPO
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from conftest import F_PRE, MODELS, build, tiny_config
 
 from phs.train import train
 
-MODELS = ["proposed_paired", "proposed_unpaired", "cgan", "cyclegan", "segmentor"]
 
-
-def config(tmp_path: Path, root: Path, *overrides: str) -> DictConfig:
-    """The train config as a user gets it, on tiny slices and tiny networks."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                "~experiment",
-                "data=brats",
-                f"data.root={root}",
-                f"data.cache_dir={tmp_path / 'cache'}",
-                "data.preprocess.slice_size=[40,32]",
-                "data.preprocess.n_slices=16",
-                "data.progress=false",
-                "data.split.test_fraction=0.2",
-                "data.split.val_fraction=0.25",
-                "net.width=8",
-                "net.n_res=2",
-                "net.seg_depth=3",
-                "net.d_layers=2",
-                "trainer.max_steps=3",
-                "trainer.accelerator=cpu",
-                "trainer.enable_progress_bar=false",
-                "~callbacks.progress_bar",
-                "logger=none",
-                f"paths.output_dir={tmp_path / 'run'}",
-                *overrides,
-            ],
-        )
-
-
-def build(cfg: DictConfig):
-    dm = hydra.utils.instantiate(cfg.data)
-    dm.setup("fit")
-    model = hydra.utils.instantiate(cfg.model)
-    return dm, model
+def test_models_are_found_in_conf() -> None:
+    """The parametrized tests below cover every conf/model/*.yaml: f_pre and at least one method."""
+    assert F_PRE in MODELS and len(MODELS) > 1
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_every_model_trains_and_writes_outputs(name: str, brats_root: Path, tmp_path: Path) -> None:
-    cfg = config(tmp_path, brats_root, f"model={name}")
+    cfg = tiny_config(tmp_path, brats_root, f"model={name}")
     train(cfg)
     run = tmp_path / "run"
     assert (run / "checkpoints" / "last.ckpt").exists()
     metrics = json.loads((run / "metrics.json").read_text())
-    expected = {"dice"} if name == "segmentor" else {"identity", "psnr_lesion", "psnr_lesion_input"}
+    expected = {"dice"} if name == F_PRE else {"identity", "psnr_lesion", "psnr_lesion_input"}
     assert expected <= set(metrics)
+    assert all(math.isfinite(metrics[k]["mean"] or math.nan) for k in expected), metrics
     assert (run / "test_samples.png").exists() and (run / "datalist.json").exists()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 3  # one global step per batch, whatever the number of optimizers
@@ -80,7 +46,8 @@ EXPECTED_GROUPS = {
 
 @pytest.mark.parametrize("name", MODELS)
 def test_optimizers_own_exactly_their_networks(name: str, brats_root: Path, tmp_path: Path) -> None:
-    cfg = config(tmp_path, brats_root, f"model={name}")
+    assert name in EXPECTED_GROUPS, f"conf/model/{name}.yaml: add its optimizers' networks here"
+    cfg = tiny_config(tmp_path, brats_root, f"model={name}")
     dm, model = build(cfg)
     owner = {id(p): net for net, m in model.named_children() for p in m.parameters()}
     opts = model.configure_optimizers()
@@ -113,7 +80,7 @@ def test_optimizers_own_exactly_their_networks(name: str, brats_root: Path, tmp_
 def test_hh_cycle_sees_an_all_zero_mask(brats_root: Path, tmp_path: Path) -> None:
     """The paper's cycle H-H (options.hh_masks=empty); the real-mask variant: test_quality.py."""
     dm, model = build(
-        config(tmp_path, brats_root, "model=proposed_paired", "options.hh_masks=empty")
+        tiny_config(tmp_path, brats_root, "model=proposed_paired", "options.hh_masks=empty")
     )
     seen = []
     model.R.register_forward_hook(lambda mod, inp, out: seen.append(inp[0][:, 1].detach().clone()))
@@ -126,7 +93,7 @@ def test_hh_cycle_sees_an_all_zero_mask(brats_root: Path, tmp_path: Path) -> Non
 
 
 def test_unpaired_real_masks_from_other_volumes(brats_root: Path, tmp_path: Path) -> None:
-    dm, model = build(config(tmp_path, brats_root, "model=proposed_unpaired"))
+    dm, model = build(tiny_config(tmp_path, brats_root, "model=proposed_unpaired"))
     ds = dm.train_dataloader().dataset
     vol = dm.stores["training"].case_idx[ds.p_idx]
     for i in range(len(ds)):
@@ -134,7 +101,7 @@ def test_unpaired_real_masks_from_other_volumes(brats_root: Path, tmp_path: Path
 
 
 def test_overfit_paired_cycle_and_dice_fall(brats_root: Path, tmp_path: Path) -> None:
-    cfg = config(
+    cfg = tiny_config(
         tmp_path,
         brats_root,
         "model=proposed_paired",
@@ -164,7 +131,7 @@ def test_overfit_paired_cycle_and_dice_fall(brats_root: Path, tmp_path: Path) ->
 
 
 def test_wgan_gp_critic_steps(brats_root: Path, tmp_path: Path) -> None:
-    cfg = config(
+    cfg = tiny_config(
         tmp_path,
         brats_root,
         "model=proposed_paired",
@@ -230,19 +197,24 @@ def test_unknown_model_and_missing_root_are_one_line_errors(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("name", MODELS)
 def test_fast_dev_run(name: str, brats_root: Path, tmp_path: Path) -> None:
-    train(config(tmp_path, brats_root, f"model={name}", "trainer.fast_dev_run=true"))
-    assert (tmp_path / "run" / "metrics.json").exists()
+    """One batch of each stage runs through, down to finite test metrics."""
+    train(tiny_config(tmp_path, brats_root, f"model={name}", "trainer.fast_dev_run=true"))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    main = metrics["dice" if name == F_PRE else "identity"]
+    assert main["n"] > 0 and main["mean"] is not None and math.isfinite(main["mean"]), main
 
 
 def test_resume_from_last_checkpoint(brats_root: Path, tmp_path: Path) -> None:
     train(
-        config(tmp_path, brats_root, "model=proposed_unpaired", "trainer.max_steps=2", "test=false")
+        tiny_config(
+            tmp_path, brats_root, "model=proposed_unpaired", "trainer.max_steps=2", "test=false"
+        )
     )
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     first = torch.load(last, weights_only=False)
     assert first["global_step"] == 2
     train(
-        config(
+        tiny_config(
             tmp_path,
             brats_root,
             "model=proposed_unpaired",
@@ -262,7 +234,7 @@ def test_non_finite_loss_stops_before_touching_the_weights(
     import pytorch_lightning as pl
 
     dm, model = build(
-        config(tmp_path, brats_root, "model=proposed_paired", "data.augment.enabled=false")
+        tiny_config(tmp_path, brats_root, "model=proposed_paired", "data.augment.enabled=false")
     )
     dm.stores["training"].image[:] = float("nan")  # a corrupt input reaches the first batch
     before = [p.detach().clone() for p in model.parameters()]
@@ -282,7 +254,7 @@ def test_non_finite_loss_stops_before_touching_the_weights(
 def test_unknown_loss_weight_is_an_error(brats_root: Path, tmp_path: Path) -> None:
     from phs.errors import PhsError
 
-    cfg = config(tmp_path, brats_root, "model=proposed_paired", "+model.loss.lambda_ccc=3")
+    cfg = tiny_config(tmp_path, brats_root, "model=proposed_paired", "+model.loss.lambda_ccc=3")
     with pytest.raises(Exception) as info:
         hydra.utils.instantiate(cfg.model)
     cause = info.value

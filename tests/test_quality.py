@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, tiny_config
 from hydra import compose, initialize_config_dir
 
 from phs import metrics
@@ -83,35 +83,8 @@ def test_skip_generator_follows_a_global_gain_and_the_plain_one_does_not() -> No
     assert abs(_gain_ratio(skip, x) - 0.6) < 0.08
 
 
-def _tiny_cfg(tmp_path: Path, root: Path | None = None, *overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                "data=synthetic_brats",
-                *([f"data.root={root}"] if root else []),
-                "data.phantom.n_volumes=6",
-                f"data.cache_dir={tmp_path / 'cache'}",
-                "data.preprocess.spacing=[4.0,4.0,4.0]",
-                "data.preprocess.slice_size=[48,40]",
-                "data.preprocess.n_slices=8",
-                "data.progress=false",
-                "net.width=8",
-                "net.n_res=2",
-                "net.seg_depth=3",
-                "net.d_layers=2",
-                "trainer.accelerator=cpu",
-                "trainer.enable_progress_bar=false",
-                "~callbacks.progress_bar",
-                "logger=none",
-                f"paths.output_dir={tmp_path / 'run'}",
-                *overrides,
-            ],
-        )
-
-
 def test_mask_blend_keeps_the_input_where_s_sees_no_pathology(tmp_path: Path) -> None:
-    cfg = _tiny_cfg(tmp_path, tmp_path / "unused", "options.mask_blend=true")
+    cfg = tiny_config(tmp_path, None, "options.mask_blend=true")
     model = hydra.utils.instantiate(cfg.model).eval()
     x = _pair(shape=(48, 40))[0]
     with torch.no_grad():
@@ -126,7 +99,7 @@ def test_mask_blend_keeps_the_input_where_s_sees_no_pathology(tmp_path: Path) ->
 @pytest.mark.parametrize("detach", [False, True])
 def test_cycle_gradient_into_g_inside_the_lesion(tmp_path: Path, detach: bool) -> None:
     """With cycle_detach_lesion, L_CC sends no gradient into G(x_p) inside the true lesion."""
-    cfg = _tiny_cfg(tmp_path, tmp_path / "unused", f"options.cycle_detach_lesion={detach}")
+    cfg = tiny_config(tmp_path, None, f"options.cycle_detach_lesion={detach}")
     model = hydra.utils.instantiate(cfg.model)
     x, _, m = _pair(shape=(48, 40))
     batch = {"x_p": x, "m_p": m, "x_h": x.flip(-1)}
@@ -158,7 +131,18 @@ def test_short_training_leaves_healthy_tissue_close_to_the_truth(tmp_path: Path)
     tissue of the test volumes comes back close to the true healthy image (PSNR outside the
     lesion), and the lesion moves towards the truth."""
     root = ensure_phantom(tmp_path / "ph", n_volumes=6, kind="brats", seed=3, progress=False)
-    cfg = _tiny_cfg(tmp_path, root, "data.split.test_fraction=0.34", "trainer.max_steps=300")
+    cfg = tiny_config(
+        tmp_path,
+        None,
+        f"data.root={root}",  # data=synthetic_brats, the default
+        "data.phantom.n_volumes=6",
+        "data.preprocess.spacing=[4.0,4.0,4.0]",  # conf/debug/fast.yaml's slices
+        "data.preprocess.slice_size=[48,40]",
+        "data.preprocess.n_slices=8",
+        "data.split.test_fraction=0.34",
+        "trainer.max_steps=300",
+        "trainer.precision=bf16-mixed",  # experiment=demo's
+    )
     train(cfg)
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     print({k: round(v["mean"], 3) for k, v in m.items() if v["mean"] is not None})
@@ -170,7 +154,7 @@ def test_short_training_leaves_healthy_tissue_close_to_the_truth(tmp_path: Path)
 def test_hh_cycle_mask_and_what_d_x_judges(tmp_path: Path, hh_masks: str) -> None:
     """hh_masks=real: R gets a real mask from another volume in cycle H-H, G and S must undo it,
     and R's output (now pathological) is no longer shown to D_x as a would-be healthy image."""
-    cfg = _tiny_cfg(tmp_path, tmp_path / "unused", f"options.hh_masks={hh_masks}")
+    cfg = tiny_config(tmp_path, None, f"options.hh_masks={hh_masks}")
     model = hydra.utils.instantiate(cfg.model)
     x, _, m = _pair(shape=(48, 40))
     batch = {"x_p": x, "m_p": m, "x_h": x.flip(-1), "m_real": m.flip(-2)}
@@ -186,9 +170,7 @@ def test_hh_cycle_mask_and_what_d_x_judges(tmp_path: Path, hh_masks: str) -> Non
 
 
 def test_blend_dilate_repaints_the_border_and_fills_small_holes(tmp_path: Path) -> None:
-    cfg = _tiny_cfg(
-        tmp_path, tmp_path / "unused", "options.mask_blend=true", "options.blend_dilate=1"
-    )
+    cfg = tiny_config(tmp_path, None, "options.mask_blend=true", "options.blend_dilate=1")
     model = hydra.utils.instantiate(cfg.model).eval()
     mask = torch.zeros(1, 1, 48, 40)
     mask[..., 10:20, 10:20] = 1.0

@@ -145,18 +145,24 @@ def test_augmentation_same_for_image_and_mask(
 
 
 def test_eval_batches_and_ground_truth(brats_root: Path, cache_dir: Path, tmp_path: Path) -> None:
-    case = brats_root / "HGG" / "Brats18_TEST_0_1"
     import shutil
 
-    for c in brats_root.glob("*/*"):
-        shutil.copy(c / f"{c.name}_flair.nii.gz", c / f"{c.name}_flair_healthy.nii.gz")
     dm = _dm(brats_root, cache_dir, tmp_path)
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     assert {"x_p", "m_p", "x_gt", "case", "slice"} <= set(batch)
     assert batch["x_gt"].shape == batch["x_p"].shape
-    torch.testing.assert_close(batch["x_gt"], batch["x_p"])  # copied image = its own ground truth
-    assert case.exists()
+    lesion = batch["m_p"] > 0
+    assert lesion.any()
+    # the fixture's ground truth is the same brain without its bright lesion
+    assert batch["x_gt"][lesion].mean() < batch["x_p"][lesion].mean() - 0.1
+    # an image copied as its own ground truth: both went through the same preprocessing
+    for c in brats_root.glob("*/*"):
+        shutil.copy(c / f"{c.name}_flair.nii.gz", c / f"{c.name}_flair_healthy.nii.gz")
+    dm = _dm(brats_root, tmp_path / "cache2", tmp_path)
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    torch.testing.assert_close(batch["x_gt"], batch["x_p"])
 
 
 def test_no_healthy_slices_is_a_clear_error(

@@ -12,26 +12,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REAL, brain_volume, save, write_case
-
-TINY = [
-    "net.width=8",
-    "net.n_res=2",
-    "net.seg_depth=3",
-    "net.d_layers=2",
-    "data.preprocess.slice_size=[40,32]",
-    "data.preprocess.n_slices=16",
-    "data.progress=false",
-    "logger=none",
-    "test=false",
-]
+from conftest import METHODS, REAL, brain_volume, save, tiny_config, write_case
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A tiny dataset and a checkpoint trained on it for a few steps."""
-    from test_methods import config
-
     from phs.train import train
 
     tmp = tmp_path_factory.mktemp("synth")
@@ -46,8 +32,14 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
             healthy=f"{case}_flair_healthy.nii.gz",
             lesion_center=(20 + i, 18 + 2 * i, 15),
         )
-    train(config(tmp, root, "model=proposed_paired", "trainer.max_steps=2", "test=false"))
-    return {"root": root, "ckpt": tmp / "run" / "checkpoints" / "last.ckpt", "tmp": tmp}
+    model = "proposed_paired"
+    train(tiny_config(tmp, root, f"model={model}", "trainer.max_steps=2", "test=false"))
+    return {
+        "root": root,
+        "ckpt": tmp / "run" / "checkpoints" / "last.ckpt",
+        "model": model,
+        "tmp": tmp,
+    }
 
 
 def synth(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -112,24 +104,29 @@ def test_clinical_grid_round_trip(tiny: dict, tmp_path: Path) -> None:
         assert same > 0.8 and mirrored < 0.3, (z, same, mirrored)
 
 
-@pytest.mark.parametrize(
-    ("model", "expected"),
-    [
-        ("proposed_unpaired", {"pseudo_healthy", "pathology_prob", "pathology_mask", "residual"}),
-        ("cgan", {"pseudo_healthy", "residual"}),
-        ("cyclegan", {"pseudo_healthy", "residual"}),
-    ],
-)
-def test_every_method_checkpoint(model: str, expected: set, tiny: dict, tmp_path: Path) -> None:
-    """proposed_paired is covered above; the baselines give no mask, only the residual."""
-    from test_methods import config
+WITH_MASK = {"pseudo_healthy", "pathology_prob", "pathology_mask", "residual"}
+OUTPUTS = {  # the methods with a segmentor S write its mask; the baselines only the residual
+    "proposed_paired": WITH_MASK,
+    "proposed_unpaired": WITH_MASK,
+    "cgan": {"pseudo_healthy", "residual"},
+    "cyclegan": {"pseudo_healthy", "residual"},
+}
 
+
+@pytest.mark.parametrize("model", METHODS)
+def test_every_method_checkpoint(model: str, tiny: dict, tmp_path: Path) -> None:
     from phs.train import train
 
-    cfg = config(tmp_path, tiny["root"], f"model={model}", "trainer.max_steps=2", "test=false")
-    train(cfg)
+    assert model in OUTPUTS, f"conf/model/{model}.yaml: add the files it writes to OUTPUTS"
+    expected = OUTPUTS[model]
+    ckpt = tiny["ckpt"]
+    if model != tiny["model"]:
+        cfg = tiny_config(
+            tmp_path, tiny["root"], f"model={model}", "trainer.max_steps=2", "test=false"
+        )
+        train(cfg)
+        ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     img = tiny["root"] / "Brats18_SYN_1_1" / "Brats18_SYN_1_1_flair.nii.gz"
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     p = synth([f"ckpt_path={ckpt}", f"input={img}", f"output={tmp_path / 'o'}"], tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     case_dir = tmp_path / "o" / "Brats18_SYN_1_1_flair"
@@ -143,25 +140,23 @@ def test_every_method_checkpoint(model: str, expected: set, tiny: dict, tmp_path
 
 
 def test_padding_is_background_for_a_z_scored_volume() -> None:
-    """A z-scored scan's background is negative: the pad around a small brain must be that
-    background (0 after the intensity mapping, as the networks saw in training), not 0."""
+    """A z-scored scan's background is negative (here -3.5): the pad around a small brain must be
+    that background, 0 after the intensity mapping as the networks saw in training (a pad of 0
+    would come out as mid-grey tissue, about 0.4)."""
     from monai.data import MetaTensor
 
-    from phs.data.preprocess import PreprocessConfig, fit_intensity
-    from phs.synthesize import volume_transform
+    from phs.data.preprocess import PreprocessConfig, preprocess_volumes
 
     img, _ = brain_volume(shape=(30, 30, 20))
     brain = img > 0
     z = np.where(brain, (img - img[brain].mean()) / img[brain].std(), -3.5).astype(np.float32)
-    fit = fit_intensity(z)
-    assert fit.background == pytest.approx(-3.5)
     pre = PreprocessConfig.from_dict({"slice_size": [40, 32], "n_slices": 16})
-    geo = volume_transform(pre, fit.background)({"image": MetaTensor(z[None], affine=np.eye(4))})
-    x = np.asarray(geo["image"][0])
+    out, _ = preprocess_volumes({"image": MetaTensor(z[None], affine=np.eye(4))}, pre)
+    assert out["intensity"]["background"] == pytest.approx(-3.5)
+    x = np.asarray(out["image"][0])
     assert x.shape[:2] == (40, 32)
-    assert x[0].min() == pytest.approx(-3.5) and x[0].max() == pytest.approx(-3.5)  # padded rows
-    norm = np.clip((x - fit.background) / fit.scale, 0, 1)
-    assert norm[0].max() == 0 and norm[:, 0].max() == 0
+    assert x[0].max() == 0 and x[-1].max() == 0 and x[:, 0].max() == 0  # padded rows, columns
+    assert (x > 0).sum() >= 0.95 * brain.sum()  # and the brain, half of it below 0 in z, kept
 
 
 def test_datalist_input_needs_no_labels(tiny: dict, tmp_path: Path) -> None:
@@ -272,14 +267,35 @@ def test_folder_with_one_bad_case(tiny: dict, tmp_path: Path) -> None:
     assert not (out / "broken" / "pseudo_healthy.nii.gz").exists()
 
 
-def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
+def test_output_write_dying_half_way_keeps_the_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Synthesizing again into an output folder, the disk fills up half-way through writing an
+    image: the earlier output stays whole and readable, and no partial file is left."""
+    import errno
+
     from phs.synthesize import write_nifti
 
-    ref = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
-    target = tmp_path / "x.nii.gz"
-    with pytest.raises(Exception):  # noqa: B017 - a dtype NIfTI cannot store
-        write_nifti(target, np.zeros((4, 4, 4)), ref, np.complex256)
-    assert list(tmp_path.iterdir()) == []
+    ref = nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4))
+    out = tmp_path / "out"
+    target = out / "pseudo_healthy.nii.gz"
+    write_nifti(target, np.ones((16, 16, 16)), ref, np.float32)
+    real_to_filename = nib.Nifti1Image.to_filename
+
+    def half_then_disk_full(self, filename, **kwargs) -> None:
+        whole = tmp_path / "elsewhere" / Path(filename).name
+        whole.parent.mkdir(exist_ok=True)
+        real_to_filename(self, whole, **kwargs)
+        data = whole.read_bytes()
+        Path(filename).write_bytes(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(nib.Nifti1Image, "to_filename", half_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_nifti(target, np.full((16, 16, 16), 2.0), ref, np.float32)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(nib.load(target).get_fdata(), np.ones((16, 16, 16)))
+    assert [p.name for p in out.iterdir()] == ["pseudo_healthy.nii.gz"]
 
 
 class Payload:
@@ -312,14 +328,12 @@ def test_trained_model_moves_a_phantom_lesion_towards_the_truth(tmp_path: Path) 
     A small model (16 volumes at 3 mm, 40 slices, 1500 steps; ~4 min on 2 cores) measured on the
     3 test-split volumes: Dice 0.87 / 0.89 / 0.82, PSNR gain in the lesion +3.2 / +11.6 / +1.3 dB.
     """
-    from test_methods import config
-
     from phs.data.preprocess import fit_intensity
     from phs.phantom import generate
     from phs.train import train
 
     root = generate(tmp_path / "ph", n_volumes=16, kind="brats", seed=1, progress=False)
-    cfg = config(
+    cfg = tiny_config(
         tmp_path,
         root,
         "model=proposed_paired",
