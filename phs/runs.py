@@ -93,9 +93,11 @@ def evaluate_checkpoint(
     out_dir: Path,
     accelerator: str = "auto",
     split: str = "test",
+    precision: str | None = None,
 ) -> Summary:
-    """Test one checkpoint (with f_pre when given) on ``split`` (``test`` or ``validation``);
-    write and return its metrics."""
+    """Test one checkpoint (with f_pre when given) on ``split`` (``test`` or ``validation``) in
+    ``precision`` (None: the precision it was trained in, as its own test stage); write and
+    return its metrics."""
     split = {"val": "validation"}.get(split, split)
     if split not in ("test", "validation"):
         raise PhsError(f"split must be 'test' or 'validation', not '{split}'")
@@ -108,6 +110,7 @@ def evaluate_checkpoint(
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=1,
+        precision=precision or run_cfg.get("trainer", {}).get("precision", "32-true"),
         logger=False,
         default_root_dir=str(out_dir),
         enable_checkpointing=False,

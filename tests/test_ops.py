@@ -144,6 +144,19 @@ def test_ddp_two_cpu_processes(brats_root: Path, tmp_path: Path) -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["identity"]["n"] > 0
     assert not (tmp_path / "outputs").exists()  # the second rank did not make its own run folder
+    # the 2-process test stage equals a 1-process evaluation of the same checkpoint: every slice
+    # once (no sampler repeats), curves and pixel counts reduced over the ranks, rows gathered
+    from phs.runs import evaluate_checkpoint
+
+    single = evaluate_checkpoint(
+        str(run / "checkpoints" / "last.ckpt"), None, None, tmp_path / "single", "cpu"
+    )
+    assert set(single) == set(metrics)
+    assert {k for k in metrics if k.startswith("anomaly_")}  # the pooled curves are compared too
+    for name, value in metrics.items():
+        assert value["n"] == single[name]["n"], name
+        if value["mean"] is not None:
+            assert value["mean"] == pytest.approx(single[name]["mean"], rel=1e-3, abs=1e-4), name
 
 
 def test_wandb_offline_run_has_images_and_tables(brats_root: Path, tmp_path: Path) -> None:
