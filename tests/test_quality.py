@@ -185,6 +185,25 @@ def test_blend_dilate_repaints_the_border_and_fills_small_holes(tmp_path: Path) 
     torch.testing.assert_close(out[~region], x[~region])
 
 
+def test_blend_close_fills_a_core_s_leaves_out(tmp_path: Path) -> None:
+    """A ring-shaped mask (S misses a dark core): closing fills the core, keeps the outline."""
+    cfg = tiny_config(
+        tmp_path, None, "options.mask_blend=true", "options.blend_dilate=0", "options.blend_close=4"
+    )
+    model = hydra.utils.instantiate(cfg.model).eval()
+    mask = torch.zeros(1, 1, 48, 40)
+    mask[..., 10:26, 10:26] = 1.0
+    mask[..., 14:22, 14:22] = 0.0  # an 8-pixel core left out
+    model.S = _Constant(mask)
+    x = _pair(shape=(48, 40))[0][:1]
+    with torch.no_grad():
+        out, g = model.synthesize(x)["pseudo_healthy"], model.G(x)
+    region = torch.zeros_like(mask, dtype=torch.bool)
+    region[..., 10:26, 10:26] = True  # the square with its core: nothing outside it
+    torch.testing.assert_close(out[region], g[region])
+    torch.testing.assert_close(out[~region], x[~region])
+
+
 class _Constant(torch.nn.Module):
     def __init__(self, value: torch.Tensor) -> None:
         super().__init__()

@@ -13,6 +13,9 @@ Options beyond the paper (all off by default in the paper's configuration):
                        replaces the input only where S sees pathology.
   blend_dilate:        with mask_blend, S(x) is first dilated by this many pixels (max-pooling):
                        G also repaints the lesion's border and small holes in S's mask.
+  blend_close:         with mask_blend, a morphological closing of S(x) (this radius) before the
+                       dilation: fills holes up to about twice the radius, such as a dark
+                       necrotic core that S leaves out, so that G repaints it too.
   cycle_detach_lesion: in cycle P-H, R receives G(x_p) with the gradient into G stopped inside
                        the lesion (the true mask when paired, S's when unpaired), so L_CC cannot
                        reward G for leaving lesion traces for R to rebuild from.
@@ -65,6 +68,7 @@ class ProposedPaired(PHSMethod):
         seg_loss: str = "dice",
         hh_masks: str = "empty",
         blend_dilate: int = 0,
+        blend_close: int = 0,
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         if seg_loss not in ("dice", "dice_bce"):
@@ -72,6 +76,7 @@ class ProposedPaired(PHSMethod):
         if hh_masks not in ("empty", "real", "paste"):
             raise ValueError(f"hh_masks must be 'empty', 'real' or 'paste', not '{hh_masks}'")
         self.mask_blend, self.blend_dilate = mask_blend, int(blend_dilate)
+        self.blend_close = int(blend_close)
         self.cycle_detach_lesion, self.seg_loss, self.hh_masks = (
             cycle_detach_lesion,
             seg_loss,
@@ -107,9 +112,12 @@ class ProposedPaired(PHSMethod):
         x_ph, m = self.G(x), self.S(x)
         if self.mask_blend:
             w = m
+            if self.blend_close > 0:  # closing: dilate, then erode (fills holes, keeps the outline)
+                r = self.blend_close
+                w = -F.max_pool2d(-F.max_pool2d(w, 2 * r + 1, 1, r), 2 * r + 1, 1, r)
             if self.blend_dilate > 0:
                 k = 2 * self.blend_dilate + 1
-                w = F.max_pool2d(m, k, stride=1, padding=self.blend_dilate)
+                w = F.max_pool2d(w, k, stride=1, padding=self.blend_dilate)
             x_ph = w * x_ph + (1 - w) * x
         return x_ph, m
 
