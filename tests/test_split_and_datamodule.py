@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_PRE
 
 from phs.data import PHSDataModule, SplitConfig, split_cases
-from phs.data.datamodule import TrainSlices
+from phs.data.datamodule import SliceAugment, TrainSlices, collate_train, nonzero_boxes
 from phs.errors import DataError
 
 
@@ -130,7 +130,6 @@ def test_augmentation_same_for_image_and_mask(
     )
     dm.setup("fit")
     ds = TrainSlices(dm.stores["training"], dm.augment)
-    ds.pair_aug.set_random_state(0)
     changed = 0
     for i in range(len(ds)):
         item = ds[i]
@@ -142,6 +141,217 @@ def test_augmentation_same_for_image_and_mask(
         # the tiny phantom's lesion is its brightest tissue: the mask still sits on it
         assert x[m > 0].mean() > x[(m == 0) & (x > 0)].mean() + 0.15
     assert changed > 0
+
+
+def test_augment_equals_monai_flip_then_rotate() -> None:
+    """For a given draw, the augmentation is MONAI's Flip(spatial_axis=1) then Rotate (the
+    per-item chain it replaced), up to float rounding: images bilinear, masks nearest, zeros
+    outside, one draw for the image and its mask."""
+    from monai.transforms import Flip, Rotate
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 52, 40, generator=g)
+    m = (torch.rand(6, 1, 52, 40, generator=g) > 0.6).float()
+    aug = SliceAugment({"rotate_deg": 5.0, "rotate_prob": 0.5})
+    flip = [0, 1, 0, 1, 1, 0]
+    rotate = [0, 0, 1, 1, 1, 1]
+    angle = np.radians([3.0, -2.0, 4.9, -4.9, 1.3, -0.7])
+    for n in range(len(x)):
+        u = [0.75 - 0.5 * flip[n], 0.75 - 0.5 * rotate[n], (angle[n] / aug.max_angle + 1) / 2]
+        assert aug.params(*u) == (bool(flip[n]), bool(rotate[n]), pytest.approx(angle[n]))
+        xa, ma = torch.empty_like(x[n]), torch.empty_like(m[n])
+        aug.put([(xa, x[n], "bilinear", None), (ma, m[n], "nearest", None)], u)
+        ref = {"bilinear": x[n], "nearest": m[n]}
+        for mode, img in ref.items():
+            if flip[n]:
+                img = Flip(spatial_axis=1)(img)
+            if rotate[n]:
+                img = Rotate(float(angle[n]), mode=mode, padding_mode="zeros")(img)
+            ref[mode] = torch.as_tensor(img)
+        torch.testing.assert_close(xa, ref["bilinear"], atol=1e-4, rtol=0)
+        # nearest: the same pixels but where a sample lands on a half-pixel tie
+        assert (ma != ref["nearest"]).float().mean() < 1e-3
+        if not rotate[n]:
+            assert torch.equal(xa, x[n].flip(-1) if flip[n] else x[n])
+
+
+def test_rotation_samples_only_where_the_output_can_be_non_zero() -> None:
+    """Rotating only the reach of a slice's non-zero box gives the very values (bitwise) of
+    rotating the whole slice, images and masks, corners and edges included."""
+    g = torch.Generator().manual_seed(1)
+    h, w = 52, 40
+    aug = SliceAugment({"rotate_deg": 5.0})
+    boxes = [(10, 30, 5, 20), (0, 52, 0, 40), (0, 3, 37, 40), (51, 52, 0, 1), (20, 21, 8, 9)]
+    for r0, r1, c0, c1 in boxes:
+        x = torch.zeros(1, h, w)
+        x[:, r0:r1, c0:c1] = torch.rand(1, r1 - r0, c1 - c0, generator=g) + 0.5
+        assert nonzero_boxes(x[None]) == [(r0, r1, c0, c1)]
+        for _ in range(20):
+            u = [float(v) for v in torch.rand(3, generator=g)]
+            u[1] = 0.0  # rotate
+            full = [torch.full_like(x, 7.0), torch.full_like(x, 7.0)]
+            part = [torch.full_like(x, 7.0), torch.full_like(x, 7.0)]
+            aug.put([(full[0], x, "bilinear", None), (full[1], x, "nearest", None)], u)
+            box = (r0, r1, c0, c1)
+            aug.put([(part[0], x, "bilinear", box), (part[1], x, "nearest", box)], u)
+            assert torch.equal(full[0], part[0]) and torch.equal(full[1], part[1])
+    assert nonzero_boxes(torch.zeros(2, 1, h, w)) == [(0, 0, 0, 0)] * 2
+    out = torch.full((1, h, w), 7.0)
+    aug.put([(out, torch.zeros(1, h, w), "bilinear", (0, 0, 0, 0))], [0.9, 0.0, 0.3])
+    assert not out.any()
+
+
+def test_augment_draws_follow_the_configured_distribution() -> None:
+    u = np.random.default_rng(0).random((20_000, 3)).T
+    flip, rotate, angle = SliceAugment({"rotate_deg": 5.0, "rotate_prob": 0.3}).params(*u)
+    assert abs(flip.mean() - 0.5) < 0.02 and abs(rotate.mean() - 0.3) < 0.02
+    assert np.abs(angle).max() <= np.radians(5.0)
+    assert abs(angle.mean()) < 0.002 and abs(angle.std() - np.radians(5.0) / 3**0.5) < 0.002
+    for cfg in ({"flip": False, "rotate_deg": 0}, {"enabled": False}):
+        flip, rotate, _ = SliceAugment(cfg).params(*u)
+        assert not flip.any() and not rotate.any() and not SliceAugment(cfg).enabled
+
+
+def test_batch_is_a_function_of_its_items(
+    brats_root: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Each item comes from (seed, epoch, index) alone: the same whatever batch it sits in, the
+    batch size or the worker count (resume relies on it), and the parts draw independently."""
+    dm = _dm(brats_root, cache_dir, tmp_path, batch_size=4, seed=3)
+    dm.setup("fit")
+    ds = TrainSlices(dm.stores["training"], {"rotate_deg": 20, "rotate_prob": 1.0}, seed=3)
+    keys = [(i, 2) for i in range(min(len(ds), 7))]
+    batch = collate_train(ds.__getitems__(keys))
+    for n, key in enumerate(keys):
+        item = ds[key]
+        for k in ("x_p", "m_p", "x_h", "m_real"):
+            assert torch.equal(batch[k][n], item[k])
+    assert not torch.equal(ds[(0, 2)]["x_p"], ds[(0, 3)]["x_p"])  # another epoch, another draw
+    stacked = collate_train(list(ds.__getitems__(keys)))  # a plain list: default_collate
+    assert all(torch.equal(stacked[k], batch[k]) for k in batch)
+    # the loader: in-process and with two workers, batch 4 and 2, the same items in order
+    loaders, shared = {}, []
+    for workers, bs in ((0, 4), (2, 4), (0, 2)):
+        d = _dm(brats_root, cache_dir, tmp_path, batch_size=bs, seed=3, num_workers=workers)
+        d.setup("fit")
+        loader = d.train_dataloader()
+        for _ in range(2):  # two epochs: the persistent workers' slots come back
+            batches = list(loader)
+            shared += [b["x_h"].is_shared() for b in batches if workers]
+        loaders[(workers, bs)] = torch.cat([b["x_h"] for b in batches])
+        if workers:
+            assert all(f.acquire(block=False) for f in loader.dataset.ring.free)
+    assert shared and not any(shared)  # copied out of the ring slots, not fresh shared memory
+    assert torch.equal(loaders[(0, 4)], loaders[(2, 4)])
+    assert torch.equal(loaders[(0, 4)], loaders[(0, 2)][: len(loaders[(0, 4)])])
+
+
+def test_worker_batches_pass_through_reused_ring_slots(
+    brats_root: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a worker, a batch is written into a free slot of the shared ring and pickled as the
+    slot's number; unpickled (the training process) it is the same batch, copied out, and the
+    slot is free again. No free slot: fresh memory, as before."""
+    import pickle
+    import types
+
+    import phs.data.datamodule as dmod
+
+    dm = _dm(brats_root, cache_dir, tmp_path, batch_size=3, seed=2)
+    dm.setup("fit")
+    ds = TrainSlices(dm.stores["training"], dm.augment, seed=2)
+    keys = [(i, 1) for i in range(3)]
+    ref = collate_train(ds.__getitems__(keys))
+    ds.ring = dmod.BatchRing(workers=2, slots=2, shape=(4, 3, 1, 40, 32))
+    monkeypatch.setattr(dmod, "get_worker_info", lambda: types.SimpleNamespace(id=1))
+    sent = [collate_train(ds.__getitems__(keys)) for _ in range(3)]
+    assert [type(b) for b in sent] == [dmod._InRing, dmod._InRing, dict]  # worker 1: 2 slots
+    assert {b.slot for b in sent[:2]} == {2, 3}
+    for b in sent:
+        got = pickle.loads(pickle.dumps(b))
+        assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    got = collate_train(ds.__getitems__(keys[:2]))  # a short last batch, in a freed slot
+    assert type(got) is dmod._InRing and got.n == 2
+    got = pickle.loads(pickle.dumps(got))
+    assert all(torch.equal(got[k], ref[k][:2]) for k in ref)
+    assert all(f.acquire(block=False) for f in ds.ring.free)  # every slot released
+
+
+def test_augment_on_device_builds_the_same_batches(
+    brats_root: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """data.augment_on_device: the loader passes recipes (a few numbers per item) and the batch
+    is made where the model is (on_after_batch_transfer): on the CPU, bitwise the loader's."""
+    aug = {"rotate_deg": 20, "rotate_prob": 0.7}
+    dm = _dm(brats_root, cache_dir, tmp_path, batch_size=4, seed=5, augment=aug)
+    dm.setup("fit")
+    dd = _dm(
+        brats_root, cache_dir, tmp_path, batch_size=4, seed=5, augment=aug, augment_on_device=True
+    )
+    dd.setup("fit")
+    n = 0
+    for a, r in zip(dm.train_dataloader(), dd.train_dataloader(), strict=True):
+        assert set(r) == {"recipe"} and r["recipe"].shape == (4, 21)
+        b = dd.on_after_batch_transfer(r, 0)
+        assert set(b) == set(a)
+        for k in a:
+            assert b[k].shape == a[k].shape and b[k].dtype == torch.float32
+            assert torch.equal(a[k], b[k]), k
+        n += 1
+    assert n > 1
+    # not a training batch: untouched; without augment_on_device the hook is not overridden
+    ev = {"x_p": torch.zeros(1)}
+    assert dd.on_after_batch_transfer(ev, 0) is ev
+    from pytorch_lightning import LightningDataModule
+    from pytorch_lightning.utilities.model_helpers import is_overridden
+
+    assert is_overridden("on_after_batch_transfer", dd, LightningDataModule)
+    assert not is_overridden("on_after_batch_transfer", dm, LightningDataModule)
+
+
+def test_augment_on_device_in_a_fit(brats_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+    """Lightning calls the datamodule's hook: training_step sees the usual batch."""
+    import pytorch_lightning as pl
+
+    seen = []
+
+    class Probe(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            seen.append({k: tuple(v.shape) for k, v in batch.items()})
+            return (self.w * batch["x_p"].mean()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = _dm(brats_root, cache_dir, tmp_path, batch_size=2, augment_on_device=True)
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(Probe(), datamodule=dm)
+    assert seen == [{k: (2, 1, 40, 32) for k in ("x_p", "m_p", "x_h", "m_real")}] * 2
+
+
+def test_loader_options(brats_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+    dm = _dm(brats_root, cache_dir, tmp_path, batch_size=2, pin_memory=True, prefetch_factor=4)
+    dm.setup("fit")
+    loader = dm.train_dataloader()  # no workers: prefetch_factor does not apply
+    assert loader.prefetch_factor is None and loader.pin_memory == torch.cuda.is_available()
+    dm = _dm(brats_root, cache_dir, tmp_path, batch_size=2, num_workers=1, prefetch_factor=4)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert loader.prefetch_factor == 4 and loader.persistent_workers
+    batch = next(iter(loader))
+    assert set(batch) == {"x_p", "m_p", "x_h", "m_real"}
+    assert all(type(v) is torch.Tensor and v.shape == (2, 1, 40, 32) for v in batch.values())
 
 
 def test_eval_batches_and_ground_truth(brats_root: Path, cache_dir: Path, tmp_path: Path) -> None:

@@ -12,9 +12,14 @@ Validation/test batches (pathological slices only)::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import multiprocessing
+import os
+import weakref
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +27,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from monai.data import DataLoader
-from monai.transforms import Compose, EnsureTyped, RandFlipd, RandRotated
-from torch.utils.data import Dataset, Sampler
+from torch.nn import functional as F
+from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
 
 from phs.data.cache import load_case, preprocess_cases
 from phs.data.discovery import discover
@@ -74,25 +79,267 @@ class SliceStore:
         }
 
 
-def _augment(keys: list[str], modes: list[str], cfg: Mapping[str, Any]) -> Compose | None:
-    """Flips and small rotations (the authors' augmentation), the same draw for all ``keys``."""
-    steps = []
-    if cfg.get("flip", True):
-        steps.append(RandFlipd(keys, prob=0.5, spatial_axis=1))  # left-right
-    deg = float(cfg.get("rotate_deg", 5.0))
-    if deg > 0:
-        steps.append(
-            RandRotated(
-                keys,
-                range_x=math.radians(deg),
-                prob=float(cfg.get("rotate_prob", 0.5)),
-                mode=modes,
-                padding_mode="zeros",
+KEYS = ("x_p", "m_p", "x_h", "m_real")
+Box = tuple[int, int, int, int]  # rows [r0, r1), columns [c0, c1)
+Part = tuple[torch.Tensor, torch.Tensor, str, "Box | None"]  # (dst, src, mode, src's box)
+Draw = tuple[bool, bool, float, float, float, float]  # flip, rotate, grid coefficients a b c d
+
+
+class SliceAugment:
+    """Flips and small rotations (the authors' augmentation) as plain tensor ops.
+
+    The same distribution as the per-item MONAI chain it replaces, ``RandFlipd(prob=0.5,
+    spatial_axis=1)`` then ``RandRotated(range_x=deg, prob=rotate_prob, padding_mode="zeros")``:
+    per item and per part (the pair ``x_p``/``m_p`` shares one draw; ``x_h`` and ``m_real`` draw
+    their own), a left-right flip with probability 0.5, then with probability ``rotate_prob`` a
+    rotation about the slice centre by an angle uniform in ``[-deg, deg)``; images bilinear, masks
+    nearest, zeros outside. For a given draw the output equals MONAI's ``Flip`` + ``Rotate`` up to
+    float rounding (the same affine map, the flip folded into the sampling grid;
+    ``tests/test_split_and_datamodule.py``). The uniforms are the caller's (seeded per item).
+
+    Two ways to run it, the same values: :meth:`put`, one slice at a time from the store into
+    the batch (in the loader; a rotation samples only where the output can be non-zero), and
+    :meth:`apply`, a whole batch at once on any device (``data.augment_on_device``).
+    """
+
+    def __init__(self, cfg: Mapping[str, Any] | None = None) -> None:
+        cfg = dict(cfg or {})
+        self.flip = bool(cfg.get("flip", True))
+        self.max_angle = math.radians(float(cfg.get("rotate_deg", 5.0)))
+        self.rotate_prob = float(cfg.get("rotate_prob", 0.5)) if self.max_angle > 0 else 0.0
+        self.enabled = bool(cfg.get("enabled", True)) and (self.flip or self.rotate_prob > 0)
+        self._base: dict[tuple, tuple] = {}  # the grid's axes, per size (and device)
+
+    def params(self, u0: Any, u1: Any, u2: Any) -> tuple[Any, Any, Any]:
+        """``(flip, rotate, angle)`` from three uniforms in [0, 1) (floats or arrays)."""
+        if not self.enabled:
+            return u0 < 0, u1 < 0, 0 * u2
+        return (u0 < 0.5) & self.flip, u1 < self.rotate_prob, (2 * u2 - 1) * self.max_angle
+
+    def draw(self, u: Sequence[float], h: int, w: int) -> Draw:
+        """Flip, rotate and the grid's coefficients ``(a, b, c, d)`` from three uniforms: the
+        sample point of output pixel ``(x, y)`` (``grid_sample``'s normalised coordinates,
+        ``align_corners=False``) is ``(a x + b y, c x + d y)``: MONAI ``Rotate``'s map (output
+        pixel -> input pixel, about the centre) after a left-right flip."""
+        flip, rotate, angle = self.params(*u[:3])
+        cos, sin, sx = math.cos(angle), math.sin(angle), -1.0 if flip else 1.0
+        return bool(flip), bool(rotate), sx * cos, sx * sin * h / w, -sin * w / h, cos
+
+    def _axes(self, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        if (h, w) not in self._base:
+            self._base[(h, w)] = (
+                ((np.arange(w) * 2 + 1) / w - 1).astype(np.float32),
+                ((np.arange(h) * 2 + 1) / h - 1).astype(np.float32)[:, None],
             )
+        return self._base[(h, w)]
+
+    def grid(self, d: Draw, h: int, w: int, region: Box | None = None) -> torch.Tensor:
+        """The ``grid_sample`` grid [1,H,W,2] of draw ``d``, in float32; only the output rows
+        ``[r0, r1)`` and columns ``[c0, c1)`` of ``region`` (the same values)."""
+        ux, uy = self._axes(h, w)
+        r0, r1, c0, c1 = region or (0, h, 0, w)
+        ux, uy = ux[c0:c1], uy[r0:r1]
+        a, b, c, dd = (np.float32(v) for v in d[2:])
+        g = np.empty((1, r1 - r0, c1 - c0, 2), np.float32)  # numpy: less overhead per call
+        np.add(ux * a, uy * b, out=g[0, ..., 0])
+        np.add(ux * c, uy * dd, out=g[0, ..., 1])
+        return torch.from_numpy(g)
+
+    @staticmethod
+    def reach(box: Box, d: Draw, h: int, w: int) -> Box:
+        """The output pixels that can be non-zero when the input is zero outside ``box``: those
+        whose sample point falls within one pixel of it (bilinear weights; nearest rounds within
+        half a pixel), bounded through the corners, with a pixel to spare."""
+        r0, r1, c0, c1 = box
+        if r0 >= r1 or c0 >= c1:
+            return (0, 0, 0, 0)
+        cy, cx = (h - 1) / 2, (w - 1) / 2
+        a, b, c, dd = d[2:]  # in pixels: dr' = dd dr + c h/w dc, dc' = b w/h dr + a dc; inverse:
+        det = a * dd - b * c
+        rows, cols = [], []
+        for dr in (r0 - 1 - cy, r1 - cy):
+            for dc in (c0 - 1 - cx, c1 - cx):
+                rows.append((a * dr - c * h / w * dc) / det + cy)
+                cols.append((-b * w / h * dr + dd * dc) / det + cx)
+        return (
+            max(0, math.floor(min(rows)) - 1),
+            min(h, math.ceil(max(rows)) + 2),
+            max(0, math.floor(min(cols)) - 1),
+            min(w, math.ceil(max(cols)) + 2),
         )
-    if not steps:
+
+    def put(self, parts: Sequence[Part], u: Sequence[float]) -> None:
+        """Write ``src`` [1,H,W] augmented into ``dst`` [1,H,W] for each ``(dst, src, mode,
+        box)``: mode "bilinear" | "nearest", ``box`` the rows/columns ``(r0, r1, c0, c1)`` outside
+        which ``src`` is zero (None: anywhere); one draw for all from the uniforms ``u[:3]``. A
+        rotation samples only where the output can be non-zero (:meth:`reach`): the same values
+        as sampling everything, for a fraction of the work."""
+        h, w = parts[0][1].shape[-2:]
+        d = self.draw(u, h, w)
+        if d[1]:
+            reach = [self.reach(box or (0, h, 0, w), d, h, w) for *_, box in parts]
+            live = [r for r in reach if r[0] < r[1] and r[2] < r[3]]
+            if not live:
+                for dst, *_ in parts:
+                    dst.zero_()
+                return
+            r0, r1 = min(r[0] for r in live), max(r[1] for r in live)
+            c0, c1 = min(r[2] for r in live), max(r[3] for r in live)
+            grid = self.grid(d, h, w, (r0, r1, c0, c1))
+            for (dst, src, mode, _), (a, b, c, e) in zip(parts, reach, strict=True):
+                if (a, b, c, e) != (0, h, 0, w):
+                    dst.zero_()
+                if a < b and c < e:
+                    g = grid[:, a - r0 : b - r0, c - c0 : e - c0]
+                    out = F.grid_sample(src[None], g, mode, "zeros", align_corners=False)
+                    dst[:, a:b, c:e] = out[0]
+        elif d[0]:
+            for dst, src, *_ in parts:
+                dst.copy_(src.flip(-1))
+        else:
+            for dst, src, *_ in parts:
+                dst.copy_(src)
+
+    def apply(
+        self, images: Sequence[tuple[torch.Tensor, str]], draws: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """The augmented copies of ``[B,1,H,W]`` tensors sharing the per-item ``draws`` [B,6]
+        (:meth:`draw`'s six numbers), batched on the tensors' device: the values :meth:`put`
+        writes (on the CPU, bitwise; elsewhere up to the device's rounding in ``grid_sample``)."""
+        x0 = images[0][0]
+        b, (h, w), dev = len(x0), x0.shape[-2:], x0.device
+        flip, rotate = draws[:, 0].bool(), draws[:, 1].bool()
+        if (h, w, dev) not in self._base:
+            self._base[(h, w, dev)] = tuple(torch.from_numpy(v).to(dev) for v in self._axes(h, w))
+        ux, uy = self._base[(h, w, dev)]
+        coef = draws[:, 2:].to(torch.float32)[:, :, None, None]
+        grid = torch.empty(b, h, w, 2, device=dev)
+        torch.add(ux * coef[:, 0], uy * coef[:, 1], out=grid[..., 0])
+        torch.add(ux * coef[:, 2], uy * coef[:, 3], out=grid[..., 1])
+        f, r = flip[:, None, None, None], rotate[:, None, None, None]
+        out = []
+        for x, mode in images:
+            y = torch.where(f, x.flip(-1), x)
+            rotated = F.grid_sample(x, grid, mode, "zeros", align_corners=False)
+            out.append(torch.where(r, rotated, y))
+        return out
+
+
+def _empty(shape: Sequence[int]) -> torch.Tensor:
+    """A float32 tensor; in a loader worker, in shared memory (the batch goes to the main
+    process without a copy, as ``default_collate`` does)."""
+    if get_worker_info() is None:
+        return torch.empty(*shape)
+    storage = torch.UntypedStorage._new_shared(4 * math.prod(shape))
+    return torch.empty(0).set_(storage).view(*shape)
+
+
+class BatchRing:
+    """Shared-memory batch slots that loader workers reuse from batch to batch.
+
+    Fresh shared memory for every batch (what a worker's ``default_collate`` does) costs a page
+    fault per 4 KiB page in the worker and again when the training process maps and frees it:
+    about 1.4 ms of worker time per 2 MB batch (batch 4 at 208 x 160) measured on the 2-core
+    machine, more than making the batch. Here each worker writes into one of its own ``slots``
+    (allocated once, before the workers start) and sends only the slot's number; the training
+    process copies the batch out as it arrives (when it is unpickled) and frees the slot. A
+    worker takes a slot only if it is free (a semaphore per slot; the training process releases
+    it after its copy), else falls back to fresh memory: never a wait, never a slot overwritten
+    while read. ``slots = prefetch_factor + 1`` per worker is enough: a worker is sent a task
+    only once its task ``prefetch_factor`` back has been received.
+    """
+
+    _live: weakref.WeakValueDictionary[int, BatchRing] = weakref.WeakValueDictionary()
+    _count = itertools.count()
+
+    def __init__(self, workers: int, slots: int, shape: Sequence[int]) -> None:
+        self.token = os.getpid() * 1_000_003 + next(BatchRing._count)
+        self.workers, self.slots, self.shape = workers, slots, tuple(shape)
+        self.buf = torch.zeros(workers * slots, *shape).share_memory_()
+        ctx = multiprocessing.get_context()
+        self.free = [ctx.BoundedSemaphore(1) for _ in range(workers * slots)]
+        self._next = 0
+        BatchRing._live[self.token] = self
+
+    def take(self, worker: int) -> int | None:
+        """A free slot of ``worker`` (held until the batch is received), or None."""
+        for k in range(self.slots):
+            slot = worker * self.slots + (self._next + k) % self.slots
+            if self.free[slot].acquire(block=False):
+                self._next = (self._next + k + 1) % self.slots
+                return slot
         return None
-    return Compose([*steps, EnsureTyped(keys, data_type="tensor", track_meta=False)])
+
+
+class _InRing:
+    """A batch left in a :class:`BatchRing` slot: pickles to its slot's number; unpickled (in
+    the training process) it is the batch dict, copied out, and the slot is free again."""
+
+    def __init__(self, token: int, slot: int, n: int) -> None:
+        self.token, self.slot, self.n = token, slot, n
+
+    def __reduce__(self) -> tuple[Any, tuple[int, int, int]]:
+        return _from_ring, (self.token, self.slot, self.n)
+
+
+def _from_ring(token: int, slot: int, n: int) -> dict[str, torch.Tensor]:
+    ring = BatchRing._live.get(token)
+    if ring is None:
+        raise RuntimeError("a batch from a loader worker arrived after its loader was gone")
+    try:  # (in the pin-memory thread when pinning: no thread-count changes here)
+        out = ring.buf[slot, :, :n].clone()
+    finally:
+        ring.free[slot].release()
+    return dict(zip(KEYS, out, strict=True))
+
+
+def nonzero_boxes(x: torch.Tensor, chunk: int = 256) -> list[Box]:
+    """Per slice of ``x`` [N,1,H,W]: rows ``[r0, r1)`` and columns ``[c0, c1)`` holding its
+    non-zero pixels (``(0, 0, 0, 0)`` for an all-zero slice)."""
+    h, w = x.shape[-2:]
+    boxes: list[Box] = []
+    for part in x.split(chunk):
+        nz = part[:, 0] != 0
+        rows, cols = nz.any(2), nz.any(1)
+        first = lambda m: m.int().argmax(1)  # noqa: E731
+        r0, r1 = first(rows), h - first(rows.flip(1))
+        c0, c1 = first(cols), w - first(cols.flip(1))
+        for e, box in zip(rows.any(1).tolist(), zip(r0, r1, c0, c1, strict=True), strict=True):
+            boxes.append(tuple(int(v) for v in box) if e else (0, 0, 0, 0))
+    return boxes
+
+
+@contextmanager
+def _single_thread():
+    """One intra-op thread for the loader's per-slice ops in the training process (a worker has
+    one already): tiny ops gain nothing from threads and lose much when the cores are busy."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+class _Batch(list):
+    """``TrainSlices.__getitems__``'s answer: the items (views), with the batch already built in
+    ``.batch`` (which :func:`collate_train` returns as is; ``default_collate`` stacks the items).
+    In a worker with a :class:`BatchRing` slot, ``.batch`` is the slot (the batch on arrival)."""
+
+    batch: dict[str, Any] | _InRing
+
+
+def collate_train(items: list) -> dict[str, Any] | _InRing:
+    """Collate for :class:`TrainSlices`: the batch ``__getitems__`` built, or stack items."""
+    if isinstance(items, _Batch):
+        return items.batch
+    return default_collate(items)
+
+
+RECIPE = "recipe"  # the key of a batch to be built on the device (TrainSlices(on_device=True))
 
 
 class TrainSlices(Dataset):
@@ -100,14 +347,27 @@ class TrainSlices(Dataset):
 
     Items are indexed by ``(i, epoch)`` (see :class:`EpochSampler`) and every random draw (the
     healthy slice, the real mask, the augmentation) comes from a generator seeded by
-    ``(seed, epoch, i)``: the data of a step does not depend on what ran before it, so a resumed
-    run sees exactly the batches the uninterrupted run would have seen, with any worker count.
+    ``(seed, epoch, i)``: the data of a step does not depend on what ran before it, nor on the
+    other items of its batch, so a resumed run sees exactly the batches the uninterrupted run
+    would have seen, with any worker count or batch size. A batch is built at once
+    (``__getitems__``): each slice goes from the store, augmented (:class:`SliceAugment`), into
+    one batch buffer (in shared memory in a worker); ``ds[key]`` is the same item alone.
+
+    ``on_device=True``: the loader only draws; its batch is ``{"recipe": float64 array [B,21]}``
+    (store rows of x_p, x_h, m_real, then each part's :meth:`SliceAugment.draw`), and
+    :meth:`build` makes the batch from it on the training device, from a copy of the store there
+    (``PHSDataModule.on_after_batch_transfer``): the same values, a few kilobytes per batch for
+    the loader to pass on.
     """
 
     def __init__(
-        self, store: SliceStore, augment: Mapping[str, Any] | None = None, seed: int = 0
+        self,
+        store: SliceStore,
+        augment: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        on_device: bool = False,
     ) -> None:
-        self.store, self.seed = store, seed
+        self.store, self.seed, self.on_device = store, seed, on_device
         self.p_idx = torch.nonzero(store.pathological).flatten()
         self.h_idx = torch.nonzero(~store.pathological).flatten()
         if len(self.p_idx) == 0:
@@ -121,42 +381,93 @@ class TrainSlices(Dataset):
         self.single_volume = bool((self.vol_end - self.vol_start == len(self.p_idx)).all())
         if self.single_volume:
             log.warning("one training volume only: real masks come from the same volume")
-        aug = dict(augment or {})
-        enabled = aug.pop("enabled", True)
-        self.pair_aug = _augment(["x_p", "m_p"], ["bilinear", "nearest"], aug) if enabled else None
-        self.h_aug = _augment(["x_h"], ["bilinear"], aug) if enabled else None
-        self.m_aug = _augment(["m_real"], ["nearest"], aug) if enabled else None
+        self._start, self._end = self.vol_start.tolist(), self.vol_end.tolist()
+        self._p, self._h = self.p_idx.tolist(), self.h_idx.tolist()
+        self.aug = SliceAugment(augment)
+        # where each slice is non-zero: a rotation samples only what can come out non-zero
+        boxes = self.aug.enabled and not on_device
+        self._image_box = nonzero_boxes(store.image) if boxes else None
+        self._label_box = nonzero_boxes(store.label) if boxes else None
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.ring: BatchRing | None = None  # set by the loader when it has workers
 
     def __len__(self) -> int:
         return len(self.p_idx)
 
     def _other_volume_mask(self, i: int, rng: np.random.Generator | None = None) -> int:
         rng = rng or np.random.default_rng()
-        n = len(self.p_idx)
+        n = len(self._p)
         if self.single_volume:
             return int(rng.integers(n))
-        start, end = int(self.vol_start[i]), int(self.vol_end[i])
+        start, end = self._start[i], self._end[i]
         r = int(rng.integers(n - (end - start)))
         return r if r < start else r + (end - start)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        i, epoch = key if isinstance(key, tuple) else (key, 0)
+    def draw(self, i: int, epoch: int = 0) -> tuple[int, int, int, list[float]]:
+        """Store rows of ``x_p``, ``x_h``, ``m_real`` and 9 uniforms for the augmentation
+        (flip, rotate, angle of the pair, of ``x_h``, of ``m_real``), from ``(seed, epoch, i)``."""
         rng = np.random.default_rng([self.seed, epoch, i])
-        s = self.store
-        p = int(self.p_idx[i])
-        h = int(self.h_idx[int(rng.integers(len(self.h_idx)))])
-        m = int(self.p_idx[self._other_volume_mask(i, rng)])
-        item = {}
-        for aug, part in (
-            (self.pair_aug, {"x_p": s.image[p], "m_p": s.label[p]}),
-            (self.h_aug, {"x_h": s.image[h]}),
-            (self.m_aug, {"m_real": s.label[m]}),
-        ):
-            if aug is not None:
-                aug.set_random_state(state=np.random.RandomState(rng.integers(2**31)))
-                part = aug(part)
-            item.update(part)
-        return item
+        h = self._h[int(rng.integers(len(self._h)))]
+        m = self._p[self._other_volume_mask(i, rng)]
+        return self._p[i], h, m, rng.random(9).tolist()
+
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> _Batch:
+        s, b = self.store, len(keys)
+        hw = s.image.shape[-2:]
+        draws = [self.draw(*(k if isinstance(k, tuple) else (k, 0))) for k in keys]
+        if self.on_device:
+            recipe = np.array(
+                [
+                    [p, h, m, *(v for j in range(3) for v in self.aug.draw(u[3 * j :], *hw))]
+                    for p, h, m, u in draws
+                ],
+                np.float64,
+            ).reshape(b, 21)
+            items = _Batch({RECIPE: r} for r in recipe)
+            items.batch = {RECIPE: recipe}
+            return items
+        info, ring, slot = get_worker_info(), self.ring, None
+        if info is not None and ring is not None and b <= ring.shape[1]:
+            slot = ring.take(info.id)
+        # in a ring slot, the batch goes to the training process as the slot's number; else
+        # in one storage (one handle per batch to pass on)
+        buf = ring.buf[slot, :, :b] if slot is not None else _empty((4, b, *s.image.shape[1:]))
+        out = dict(zip(KEYS, buf, strict=True))
+        ib, lb = self._image_box, self._label_box
+        with _single_thread():
+            for n, (p, h, m, u) in enumerate(draws):
+                x_p = (out["x_p"][n], s.image[p], "bilinear", ib and ib[p])
+                m_p = (out["m_p"][n], s.label[p], "nearest", lb and lb[p])
+                self.aug.put([x_p, m_p], u[0:3])
+                self.aug.put([(out["x_h"][n], s.image[h], "bilinear", ib and ib[h])], u[3:6])
+                self.aug.put([(out["m_real"][n], s.label[m], "nearest", lb and lb[m])], u[6:9])
+        items = _Batch({k: v[n] for k, v in out.items()} for n in range(b))
+        items.batch = out if slot is None else _InRing(ring.token, slot, b)
+        return items
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        return {k: v[0] for k, v in self.__getitems__([key]).batch.items()}
+
+    def build(self, recipe: Any, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The batch of a ``recipe`` [B,21] (``on_device=True``), made on ``device`` from the
+        store's copy there (made once): gathers, then the augmentation batched."""
+        device = torch.device(device)
+        if device not in self._on:
+            s = self.store
+            self._on[device] = (s.image.to(device), s.label.to(device))
+        image, label = self._on[device]
+        r = torch.as_tensor(recipe, dtype=torch.float64)
+        if device.type == "cuda":  # a few hundred bytes: no wait for the queued steps
+            r = r.pin_memory().to(device, non_blocking=True)
+        r = r.to(device)
+        rows = r[:, :3].long()
+        x_p, m_p = image[rows[:, 0]], label[rows[:, 0]]
+        x_h, m_real = image[rows[:, 1]], label[rows[:, 2]]
+        if self.aug.enabled:
+            x_p, m_p = self.aug.apply([(x_p, "bilinear"), (m_p, "nearest")], r[:, 3:9])
+            (x_h,) = self.aug.apply([(x_h, "bilinear")], r[:, 9:15])
+            (m_real,) = self.aug.apply([(m_real, "nearest")], r[:, 15:21])
+        return {"x_p": x_p, "m_p": m_p, "x_h": x_h, "m_real": m_real}
 
 
 class EpochSampler(Sampler):
@@ -255,6 +566,9 @@ class PHSDataModule(pl.LightningDataModule):
         batch_size: int = 4,
         eval_batch_size: int = 16,
         num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        augment_on_device: bool = False,
         preprocess_workers: int = 2,
         cache_dir: str = "~/.cache/phs",
         skip_bad_cases: bool = False,
@@ -270,6 +584,11 @@ class PHSDataModule(pl.LightningDataModule):
         self.augment = dict(augment or {})
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.preprocess_workers = num_workers, preprocess_workers
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.augment_on_device = augment_on_device
+        self._train_set: TrainSlices | None = None
+        if augment_on_device:  # only then is the hook overridden (a model's own stays in use)
+            self.on_after_batch_transfer = self._build_on_device  # type: ignore[method-assign]
         self.cache_dir = Path(cache_dir).expanduser()
         self.skip_bad_cases, self.phantom = skip_bad_cases, dict(phantom) if phantom else None
         self.datalist_out, self.seed, self.progress = datalist_out, seed, progress
@@ -367,7 +686,10 @@ class PHSDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        ds = TrainSlices(self.stores["training"], self.augment, seed=self.seed)
+        ds = TrainSlices(
+            self.stores["training"], self.augment, seed=self.seed, on_device=self.augment_on_device
+        )
+        self._train_set = ds
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = EpochSampler(len(ds), self.seed, rank, world)
@@ -378,14 +700,31 @@ class PHSDataModule(pl.LightningDataModule):
             done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
             if 0 < done < n_batches:
                 sampler.resume_at(trainer.current_epoch, done * self.batch_size)
+        workers = self.num_workers > 0
+        if workers and not self.augment_on_device:  # batches pass through reused shared memory
+            slots = (self.prefetch_factor or 2) + 1
+            shape = (4, self.batch_size, *self.stores["training"].image.shape[1:])
+            ds.ring = BatchRing(self.num_workers, slots, shape)
         return ResumableLoader(
             ds,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
+            collate_fn=collate_train,  # the batch TrainSlices.__getitems__ built
             drop_last=len(sampler) >= self.batch_size,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            prefetch_factor=self.prefetch_factor if workers else None,
         )
+
+    def _build_on_device(self, batch: Any, dataloader_idx: int = 0) -> Any:
+        """``on_after_batch_transfer`` with ``augment_on_device``: a training batch's recipe
+        becomes the batch, gathered and augmented on the training device."""
+        if isinstance(batch, dict) and RECIPE in batch and self._train_set is not None:
+            trainer = self.trainer
+            device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+            return self._train_set.build(batch[RECIPE], device)
+        return batch
 
     def _eval(self, split: str) -> DataLoader | list:
         store = self.stores.get(split)
