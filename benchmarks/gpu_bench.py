@@ -160,6 +160,7 @@ class Case:
     compile: bool = False
     channels_last: bool = False
     workers: int | None = None  # None: data.num_workers as configured
+    device_aug: bool = False  # data.augment_on_device (the recommended GPU loader setting)
 
 
 def plan(smoke: bool, compile_: bool) -> list[Case]:
@@ -170,6 +171,7 @@ def plan(smoke: bool, compile_: bool) -> list[Case]:
     big = batches[-1]
     cases = [Case(KEY, big, "bf16")]
     cases += [Case(m, big, "bf16") for m in MODELS if m != KEY]
+    cases += [Case(KEY, big, "bf16", device_aug=True)]
     cases += [Case(KEY, big, "bf16", workers=2 if smoke else 8)]
     cases += [Case(KEY, b, "bf16") for b in batches]
     cases += [Case(KEY, big, "bf16", channels_last=True)]
@@ -213,6 +215,7 @@ def compose_case(args: argparse.Namespace, case: Case | None, out_dir: Path) -> 
             f"model={case.model}",
             f"data.batch_size={case.batch}",
             *([] if case.workers is None else [f"data.num_workers={case.workers}"]),
+            *(["data.augment_on_device=true"] if case.device_aug else []),
             f"trainer.precision={PRECISION[case.precision]}",
             f"compile={str(case.compile).lower()}",
             f"channels_last={str(case.channels_last).lower()}",
@@ -305,6 +308,7 @@ def describe_machine(cuda: bool) -> str:
 
 HEADER = (
     f"{'method':18s} {'batch':>5s} {'prec':>5s} {'compile':>7s} {'ch_last':>7s} {'workers':>7s} "
+    f"{'dev aug':>7s} "
     f"{'img/s':>8s} {'ms/step':>8s} {'peak GiB':>8s} {'data wait':>9s} {'warm-up s':>9s}"
 )
 
@@ -313,7 +317,8 @@ def row(case: Case, r: dict[str, float] | None, workers: int, note: str = "") ->
     yes = {True: "yes", False: "no"}
     head = (
         f"{case.model:18s} {case.batch:5d} {case.precision:>5s} {yes[case.compile]:>7s} "
-        f"{yes[case.channels_last]:>7s} {workers if case.workers is None else case.workers:7d}"
+        f"{yes[case.channels_last]:>7s} {workers if case.workers is None else case.workers:7d} "
+        f"{yes[case.device_aug]:>7s}"
     )
     if r is None:
         return f"{head} {note}"
