@@ -247,4 +247,5 @@ def test_defaults_are_the_ablation_choice() -> None:
     model = hydra.utils.instantiate(cfg.model)
     assert cfg.data.preprocess.normalize == "median" and model.G.skip and model.R.skip
     assert model.mask_blend and model.blend_dilate == 2 and model.cycle_detach_lesion
+    assert model.blend_close == 4
     assert model.hh_masks == "real" and model.seg_loss == "dice_bce"
