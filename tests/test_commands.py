@@ -228,7 +228,12 @@ def _check_trainings(app: str, cfg: DictConfig, task: list[str]) -> None:
         runs = [[*base, "model=segmentor", "test=false", *cfg.common]]
         runs += [[*base, *variants[v], *cfg.common, "test=false"] for v in chosen]
     else:
-        common = [*data, f"experiment={cfg.train_experiment}", f"seed={cfg.seed}", *cfg.train_overrides]
+        common = [
+            *data,
+            f"experiment={cfg.train_experiment}",
+            f"seed={cfg.seed}",
+            *cfg.train_overrides,
+        ]
         runs = [[*common, f"model={m}"] for m in ["segmentor", *cfg.methods]]
     for over in runs:
         try:
