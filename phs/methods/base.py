@@ -118,10 +118,17 @@ class PHSMethod(pl.LightningModule):
         update_g = self.generator_steps_now()
         self.batches_seen += 1
         if update_g:
-            fakes = self.fakes(batch)
-            g = self.generator_loss(batch, fakes)
-            self.check_finite(g)
-            self.optimize(opt_g, g["loss"])
+            # the discriminators are frozen before the forward pass, not only for the backward:
+            # parameters frozen after the graph is built still get their gradients computed
+            # (then dropped), which cost the G backward a weight gradient per D call
+            self.toggle_optimizer(opt_g)
+            try:
+                fakes = self.fakes(batch)
+                g = self.generator_loss(batch, fakes)
+                self.check_finite(g)
+                self.optimize(opt_g, g["loss"], toggle=False)
+            finally:
+                self.untoggle_optimizer(opt_g)
         else:
             with torch.no_grad():
                 fakes = self.fakes(batch)
@@ -148,12 +155,16 @@ class PHSMethod(pl.LightningModule):
             for _, params, is_d in self.optimizer_groups()
         ]
 
-    def optimize(self, opt: Any, loss: torch.Tensor, counted: bool = True) -> None:
+    def optimize(
+        self, opt: Any, loss: torch.Tensor, counted: bool = True, toggle: bool = True
+    ) -> None:
         """``zero_grad``, ``manual_backward``, ``step`` with only ``opt``'s networks receiving
-        gradients (Lightning's ``toggle_optimizer``). ``counted=False`` keeps the step out of
-        ``trainer.global_step``, so that one global step is one batch (one generator update)
-        whatever the number of discriminators."""
-        self.toggle_optimizer(opt)
+        gradients (Lightning's ``toggle_optimizer``; ``toggle=False``: the caller toggled before
+        building ``loss``). ``counted=False`` keeps the step out of ``trainer.global_step``, so
+        that one global step is one batch (one generator update) whatever the number of
+        discriminators."""
+        if toggle:
+            self.toggle_optimizer(opt)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if counted:
@@ -165,7 +176,8 @@ class PHSMethod(pl.LightningModule):
                 opt.step()
             finally:
                 opt._on_before_step, opt._on_after_step = before, after
-        self.untoggle_optimizer(opt)
+        if toggle:
+            self.untoggle_optimizer(opt)
 
     def check_declared(self, names: set[str], complete: bool = True) -> None:
         """The loss terms a step returned are the ones the method declares in ``loss_names``

@@ -1,0 +1,306 @@
+"""Where a training step's time goes: torch.profiler over phs's real Lightning steps (and,
+with ``--reference``, over the reference CycleGAN's ``optimize_parameters``).
+
+For each phs method (composed from ``conf/`` as in ``benchmarks/cyclegan_reference.py``:
+``net.width=W net.n_res=6 net.d_layers=3``) a ``Trainer.fit`` runs ``--warmup`` steps, then
+``--steps`` profiled steps on one fixed batch (``train_step.FixedBatch``). The method's phases
+are labelled with ``record_function`` (``phs::fakes``, ``phs::generator_loss``,
+``phs::discriminator_loss``, ``phs::toggle``/``phs::untoggle``, ``phs::backward``,
+``phs::log``, ``phs::check_finite``, ``phs::pool``) and each step is a ``ProfilerStep``, so the
+Lightning loop's own share is the step's wall time less ``phs::training_step``.
+The reference's phases are ``ref::forward``, ``ref::backward_G``, ``ref::backward_D_A``,
+``ref::backward_D_B``, ``ref::set_requires_grad`` and the optimizers' ``Optimizer.step``.
+
+Prints, per run and per step: the labelled phases, the top ``--top`` operators by self CPU
+time, the time by operator family (convolutions, normalisation, padding, upsampling, pointwise,
+optimizer, copies, ...), and tensor-to-Python conversions (``aten::_local_scalar_dense``, a host sync on a GPU).
+``--trace DIR`` also writes Chrome traces.
+
+    python benchmarks/profile_step.py [--reference DIR] [--methods cyclegan proposed_paired]
+        [--size 208 160] [--width 32] [--batch 4] [--steps 2] [--warmup 1] [--precision fp32] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import functools
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cyclegan_reference import build_reference  # noqa: E402
+from train_step import FixedBatch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+FAMILIES = [  # (family, substrings of the operator name), first match wins
+    ("conv backward", ("convolution_backward", "conv_backward", "convolution_transpose_backward")),
+    ("conv forward", ("conv", "mkldnn_convolution")),
+    ("norm", ("batch_norm", "instance_norm", "group_norm", "layer_norm", "native_norm")),
+    ("padding", ("pad", "reflection", "replication")),
+    ("upsample", ("upsample",)),
+    ("optimizer", ("_foreach", "Optimizer", "adam", "lerp", "addcdiv", "addcmul")),
+    ("copies/layout", ("copy_", "clone", "cat", "stack", "contiguous", "to_copy", "empty_like")),
+    (
+        "pointwise",
+        (
+            "relu",
+            "leaky",
+            "sigmoid",
+            "tanh",
+            "logit",
+            "clamp",
+            "add",
+            "mul",
+            "sub",
+            "div",
+            "threshold",
+            "where",
+            "abs",
+            "sign",
+            "neg",
+            "pow",
+            "sqrt",
+            "fill_",
+            "zero_",
+        ),
+    ),
+    ("losses/reductions", ("mean", "sum", "l1", "mse", "loss", "norm")),
+]
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, keys in FAMILIES:
+        if any(k in low for k in keys):
+            return fam
+    return "other"
+
+
+def labelled(fn, name: str):
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        with record_function(name):
+            return fn(*a, **k)
+
+    return wrapper
+
+
+def label_phs(model: pl.LightningModule) -> None:
+    """Wrap the method's phases (instance attributes shadow the class's methods)."""
+    for attr in (
+        "training_step",
+        "fakes",
+        "generator_loss",
+        "discriminator_loss",
+        "check_finite",
+        "log_losses",
+        "manual_backward",
+        "toggle_optimizer",
+        "untoggle_optimizer",
+    ):
+        short = {
+            "log_losses": "log",
+            "manual_backward": "backward",
+            "toggle_optimizer": "toggle",
+            "untoggle_optimizer": "untoggle",
+        }.get(attr, attr)
+        setattr(model, attr, labelled(getattr(model, attr), f"phs::{short}"))
+    for pool in ("pool_h", "pool_p"):
+        if hasattr(model, pool):
+            p = getattr(model, pool)
+            p.query = labelled(p.query, "phs::pool")
+
+
+def label_reference(ref) -> None:
+    for attr in ("forward", "backward_G", "backward_D_A", "backward_D_B", "set_requires_grad"):
+        setattr(ref, attr, labelled(getattr(ref, attr), f"ref::{attr}"))
+
+
+def build_phs(name: str, width: int) -> pl.LightningModule:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                f"model={name}",
+                f"net.width={width}",
+                "net.n_res=6",
+                "net.d_layers=3",
+                "net.seg_depth=4",
+                "paths.output_dir=/tmp/phs-bench",
+            ],
+        )
+    return hydra.utils.instantiate(cfg.model)
+
+
+class Profiled(pl.Callback):
+    def __init__(self, warmup: int, prof) -> None:
+        self.warmup, self.prof, self.on = warmup, prof, False
+        self.walls: list[float] = []
+        self._t = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self.on:
+            self.prof.step()
+            self.walls.append(now - self._t)
+        elif batch_idx == self.warmup:
+            self.prof.__enter__()
+            self.on = True
+        self._t = now
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.on:
+            self.walls.append(time.perf_counter() - self._t)
+            self.prof.__exit__(None, None, None)
+
+
+def new_profiler() -> profile:
+    return profile(activities=[ProfilerActivity.CPU], record_shapes=False)
+
+
+def profile_phs(name, args, precision) -> tuple[profile, list[float]]:
+    torch.manual_seed(0)
+    model = build_phs(name, args.width)
+    label_phs(model)
+    h, w = args.size
+    n = args.warmup + args.steps
+    loader = DataLoader(FixedBatch(h, w, n * args.batch), batch_size=args.batch)
+    prof = new_profiler()
+    cb = Profiled(args.warmup, prof)
+    trainer = pl.Trainer(
+        max_steps=n,
+        accelerator="cpu",
+        precision="bf16-mixed" if precision == "bf16" else "32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[cb],
+    )
+    trainer.fit(model, train_dataloaders=loader)
+    return prof, cb.walls
+
+
+def profile_reference(args, precision) -> tuple[profile, list[float]]:
+    torch.manual_seed(0)
+    ref = build_reference(args.reference, args.width)
+    label_reference(ref)
+    h, w = args.size
+    item = FixedBatch(h, w, 1).item
+    x = {
+        "A": item["x_p"].expand(args.batch, -1, -1, -1).contiguous(),
+        "B": item["x_h"].expand(args.batch, -1, -1, -1).contiguous(),
+        "A_paths": [],
+        "B_paths": [],
+    }
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    for _ in range(args.warmup):
+        with autocast:
+            ref.set_input(x)
+            ref.optimize_parameters()
+    walls = []
+    with new_profiler() as prof:
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            with autocast:
+                ref.set_input(x)
+                ref.optimize_parameters()
+            walls.append(time.perf_counter() - t)
+            prof.step()
+    return prof, walls
+
+
+def report(title: str, prof: profile, walls: list[float], steps: int, top: int) -> None:
+    per = 1e-3 / steps  # us in total -> ms per step
+    events = prof.key_averages()
+    wall = 1e3 * sum(walls) / len(walls)
+    print(f"\n=== {title}: {wall:.0f} ms per step (wall, mean of {len(walls)}) ===")
+    labels = sorted(
+        (e for e in events if "::" in e.key and e.key.split("::")[0] in ("phs", "ref")),
+        key=lambda e: -e.cpu_time_total,
+    )
+    opt = [e for e in events if e.key.startswith("Optimizer.step")]
+    if labels or opt:
+        print("phases (inclusive CPU ms per step, calls per step):")
+        for e in [*labels, *opt]:
+            print(f"  {e.key:34s} {e.cpu_time_total * per:9.1f} {e.count / steps:6.1f}")
+        ts = next((e for e in labels if e.key == "phs::training_step"), None)
+        if ts is not None:
+            outside = wall - ts.cpu_time_total * per
+            print(f"  {'(outside training_step)':34s} {outside:9.1f}")
+    ops = [e for e in events if e.key.startswith("aten::") or e.key.startswith("mkldnn")]
+    ops.sort(key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops)
+    print(f"top operators by self CPU time (ms per step; all aten ops: {total * per:.0f}):")
+    for e in ops[:top]:
+        print(
+            f"  {e.key:44s} {e.self_cpu_time_total * per:9.1f} "
+            f"{100 * e.self_cpu_time_total / total:5.1f}%  x{e.count / steps:.0f}"
+        )
+    fam: dict[str, float] = collections.defaultdict(float)
+    for e in ops:
+        fam[family(e.key)] += e.self_cpu_time_total
+    print("by family (self CPU ms per step):")
+    for k, v in sorted(fam.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:20s} {v * per:9.1f} {100 * v / total:5.1f}%")
+    syncs = sum(e.count for e in events if e.key == "aten::_local_scalar_dense")
+    print(f"tensor -> Python scalars (aten::_local_scalar_dense) per step: {syncs / steps:.0f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reference", type=Path, help="a clone of pytorch-CycleGAN-and-pix2pix")
+    ap.add_argument("--methods", nargs="+", default=["cyclegan", "proposed_paired"])
+    ap.add_argument("--size", type=int, nargs=2, default=[208, 160])
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--precision", nargs="+", default=["fp32"])
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--trace", type=Path, help="write Chrome traces here")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"slices {args.size[0]}x{args.size[1]}, batch {args.batch}, width {args.width}; "
+        f"{args.steps} profiled steps after {args.warmup} warm-up; "
+        f"load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
+    )
+    runs = [(m, p) for p in args.precision for m in args.methods]
+    if args.reference:
+        runs += [("reference", p) for p in args.precision]
+    for name, prec in runs:
+        if name == "reference":
+            prof, walls = profile_reference(args, prec)
+        else:
+            prof, walls = profile_phs(name, args, prec)
+        report(f"{name} {prec}", prof, walls, args.steps, args.top)
+        if args.trace:
+            args.trace.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(Exception):
+                prof.export_chrome_trace(str(args.trace / f"{name}_{prec}.json"))
+
+
+if __name__ == "__main__":
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    main()
