@@ -14,10 +14,12 @@ The reference's phases are ``ref::forward``, ``ref::backward_G``, ``ref::backwar
 Prints, per run and per step: the labelled phases, the top ``--top`` operators by self CPU
 time, the time by operator family (convolutions, normalisation, padding, upsampling, pointwise,
 optimizer, copies, ...), and tensor-to-Python conversions (``aten::_local_scalar_dense``, a host sync on a GPU).
-``--trace DIR`` also writes Chrome traces.
+``--trace DIR`` also writes Chrome traces. ``--check-nets`` only checks that the generator's
+fused upsampling computes what its literal form (upsample, pad, conv) computes, in float64.
 
     python benchmarks/profile_step.py [--reference DIR] [--methods cyclegan proposed_paired]
         [--size 208 160] [--width 32] [--batch 4] [--steps 2] [--warmup 1] [--precision fp32] [--threads N]
+    python benchmarks/profile_step.py --check-nets
 """
 
 from __future__ import annotations
@@ -260,6 +262,56 @@ def report(title: str, prof: profile, walls: list[float], steps: int, top: int) 
     print(f"tensor -> Python scalars (aten::_local_scalar_dense) per step: {syncs / steps:.0f}")
 
 
+def literal_forward(g, x: torch.Tensor) -> torch.Tensor:
+    """``phs.nets.ResnetGenerator`` with its upsampling written out: nearest 2x upsampling, then
+    the block's own reflection pad, conv, norm and activation (what ``UpsampleConv`` fuses)."""
+    from phs.nets.resnet import SKIP_EPS, UpsampleConv
+
+    h = x
+    for m in g.net:
+        if isinstance(m, UpsampleConv):
+            h = torch.nn.functional.interpolate(h, scale_factor=2, mode="nearest")
+            for layer in m:
+                h = layer(h)
+        else:
+            h = m(h)
+    if g.skip:
+        h = h + torch.logit(x[:, :1].float().clamp(SKIP_EPS, 1 - SKIP_EPS)).to(h.dtype)
+    return torch.sigmoid(h)
+
+
+def check_nets() -> None:
+    """The fused generator against the literal one, float64: outputs and every parameter's
+    gradient (relative to the largest gradient of that parameter)."""
+    from phs.nets import ResnetGenerator
+
+    torch.manual_seed(0)
+    for cin, skip in ((1, True), (2, False)):
+        g = ResnetGenerator(cin, 1, 16, n_res=2, skip=skip).double()
+        with torch.no_grad():
+            for p in g.parameters():
+                p.add_(0.2 * torch.randn_like(p))  # non-trivial norm affines
+        x = torch.rand(3, cin, 48, 32, dtype=torch.float64)
+        weights = torch.rand(3, 1, 48, 32, dtype=torch.float64)
+        results = []
+        for fwd in (g, functools.partial(literal_forward, g)):
+            g.zero_grad()
+            y = fwd(x)
+            (y * weights).sum().backward()
+            results.append((y.detach(), {n: p.grad.clone() for n, p in g.named_parameters()}))
+        (y0, g0), (y1, g1) = results
+        # conv biases ahead of an instance norm have a zero gradient in exact arithmetic
+        rel = max(
+            ((g0[n] - g1[n]).abs().max() / g1[n].abs().max()).item()
+            for n in g1
+            if g1[n].abs().max() > 1e-9
+        )
+        print(
+            f"in_channels={cin} skip={skip}: output max |diff| {(y0 - y1).abs().max().item():.1e}, "
+            f"gradients max relative diff {rel:.1e} (float64)"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reference", type=Path, help="a clone of pytorch-CycleGAN-and-pix2pix")
@@ -273,9 +325,17 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--trace", type=Path, help="write Chrome traces here")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    ap.add_argument(
+        "--check-nets",
+        action="store_true",
+        help="only compare the fused ResnetGenerator with its literal form (float64) and exit",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.check_nets:
+        check_nets()
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
         f"slices {args.size[0]}x{args.size[1]}, batch {args.batch}, width {args.width}; "
