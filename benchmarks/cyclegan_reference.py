@@ -50,7 +50,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import FixedBatch  # noqa: E402
+from train_step import FixedBatch, bench_trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,19 +168,7 @@ class Interleave(pl.Callback):
 
 def side_by_side(phs_model, refs: dict, loader, n: int, block: int, precision: str) -> Interleave:
     cb = Interleave(refs, next(iter(loader)), block)
-    trainer = pl.Trainer(
-        max_steps=n,
-        accelerator="cpu",
-        precision="bf16-mixed" if precision == "bf16" else "32-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[cb],
-    )
-    trainer.fit(phs_model, train_dataloaders=loader)
+    bench_trainer(n, precision, [cb]).fit(phs_model, train_dataloaders=loader)
     return cb
 
 

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cyclegan_reference import build_reference  # noqa: E402
-from train_step import FixedBatch  # noqa: E402
+from train_step import FixedBatch, bench_trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,19 +180,7 @@ def profile_phs(name, args, precision) -> tuple[profile, list[float]]:
     loader = DataLoader(FixedBatch(h, w, n * args.batch), batch_size=args.batch)
     prof = new_profiler()
     cb = Profiled(args.warmup, prof)
-    trainer = pl.Trainer(
-        max_steps=n,
-        accelerator="cpu",
-        precision="bf16-mixed" if precision == "bf16" else "32-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[cb],
-    )
-    trainer.fit(model, train_dataloaders=loader)
+    bench_trainer(n, precision, [cb]).fit(model, train_dataloaders=loader)
     return prof, cb.walls
 
 

@@ -83,11 +83,10 @@ class StepTimer(pl.Callback):
         self.starts.append(time.perf_counter())
 
 
-def lightning_steps(
-    model: pl.LightningModule, loader: DataLoader, n: int, precision: str
-) -> list[float]:
-    timer = StepTimer()
-    trainer = pl.Trainer(
+def bench_trainer(n: int, precision: str, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """A CPU Trainer for ``n`` training steps and nothing else (no validation, logging,
+    checkpoints or progress bar); ``precision``: fp32 | bf16."""
+    return pl.Trainer(
         max_steps=n,
         accelerator="cpu",
         precision="bf16-mixed" if precision == "bf16" else "32-true",
@@ -97,9 +96,15 @@ def lightning_steps(
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[timer],
+        callbacks=callbacks,
     )
-    trainer.fit(model, train_dataloaders=loader)
+
+
+def lightning_steps(
+    model: pl.LightningModule, loader: DataLoader, n: int, precision: str
+) -> list[float]:
+    timer = StepTimer()
+    bench_trainer(n, precision, [timer]).fit(model, train_dataloaders=loader)
     return [b - a for a, b in zip(timer.starts, timer.starts[1:], strict=False)]
 
 

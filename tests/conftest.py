@@ -117,10 +117,8 @@ def write_case(
     return save(folder / image_name, img.astype(np.int16)), save(folder / label_name, mask)
 
 
-@pytest.fixture
-def brats_root(tmp_path: Path) -> Path:
-    """Five tiny BraTS-2018 cases (HGG/LGG), lesions in varied places."""
-    root = tmp_path / "brats"
+def write_brats_cases(root: Path) -> Path:
+    """Five tiny BraTS-2018 cases (HGG/LGG) under ``root``, lesions in varied places."""
     for i in range(5):
         case = f"Brats18_TEST_{i}_1"
         grade = "HGG" if i % 2 == 0 else "LGG"
@@ -133,6 +131,12 @@ def brats_root(tmp_path: Path) -> Path:
             lesion_center=(20 + i, 18 + 2 * i, 15),
         )
     return root
+
+
+@pytest.fixture
+def brats_root(tmp_path: Path) -> Path:
+    """Five tiny BraTS-2018 cases (HGG/LGG), lesions in varied places."""
+    return write_brats_cases(tmp_path / "brats")
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import MODELS, REPO, tiny_config, write_case
+from conftest import MODELS, REPO, tiny_config, write_brats_cases
 from omegaconf import OmegaConf
 
 pytestmark = [
@@ -110,18 +110,7 @@ class DeviceProbe(pl.Callback):
 @pytest.fixture(scope="module")
 def gpu_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """conftest's ``brats_root`` (five tiny BraTS-2018 cases), once for the module."""
-    root = tmp_path_factory.mktemp("gpu-data") / "brats"
-    for i in range(5):
-        case = f"Brats18_TEST_{i}_1"
-        write_case(
-            root / ("HGG" if i % 2 == 0 else "LGG") / case,
-            f"{case}_flair.nii.gz",
-            f"{case}_seg.nii.gz",
-            seed=i,
-            healthy=f"{case}_flair_healthy.nii.gz",
-            lesion_center=(20 + i, 18 + 2 * i, 15),
-        )
-    return root
+    return write_brats_cases(tmp_path_factory.mktemp("gpu-data") / "brats")
 
 
 @pytest.fixture(scope="module")
