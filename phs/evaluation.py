@@ -159,17 +159,6 @@ def write_metrics(
     return clean
 
 
-def read_metrics(path: str | Path) -> Summary:
-    """A ``metrics.json`` back (null as NaN for per-slice means)."""
-    import json
-
-    raw = json.loads(Path(path).read_text())
-    return {
-        k: {kk: (math.nan if vv is None and kk != "std" else vv) for kk, vv in v.items()}
-        for k, v in raw.items()
-    }
-
-
 def write_table(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     """Rows (dicts with the same keys) as a CSV file, written atomically."""
     buf = io.StringIO()
