@@ -28,6 +28,10 @@ Options beyond the paper (all off by default in the paper's configuration):
                        (R's output is detached there). "paste" (paired only): instead of R's
                        rendering, the real lesion of x_p is pasted into the healthy slice,
                        m_p * x_p + (1 - m_p) * x_h, and G and S must undo it.
+  hh_lesion_weight:    with a non-empty H-H mask, L_CC gains this weight times the L1 between
+                       G's repainting and x_h averaged over the mask's pixels only (the image
+                       mean gives the few lesion pixels little weight: G then learns the
+                       lesion interior slowly). 0: the paper's L_CC.
 """
 
 from __future__ import annotations
@@ -45,7 +49,10 @@ from phs.methods.base import OptimizerFactory, PHSMethod, loss_weights
 class ProposedPaired(PHSMethod):
     """The paired setting: S is supervised with a differentiable Dice (L_Seg)."""
 
-    loss_names = ("loss", "cc", "cc_ph", "cc_hh_image", "cc_hh_mask", "gan1", "seg", "d_x")
+    loss_names = (
+        *("loss", "cc", "cc_ph", "cc_hh_image", "cc_hh_mask", "cc_hh_lesion"),
+        *("gan1", "seg", "d_x"),
+    )
     prog_bar_losses = ("loss", "cc", "seg", "gan2", "d_x")
     monitor = ("val/dice", "max")
 
@@ -69,6 +76,7 @@ class ProposedPaired(PHSMethod):
         hh_masks: str = "empty",
         blend_dilate: int = 0,
         blend_close: int = 0,
+        hh_lesion_weight: float = 0.0,
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         if seg_loss not in ("dice", "dice_bce"):
@@ -77,6 +85,9 @@ class ProposedPaired(PHSMethod):
             raise ValueError(f"hh_masks must be 'empty', 'real' or 'paste', not '{hh_masks}'")
         self.mask_blend, self.blend_dilate = mask_blend, int(blend_dilate)
         self.blend_close = int(blend_close)
+        if hh_lesion_weight and hh_masks == "empty":
+            raise ValueError("hh_lesion_weight needs lesions in cycle H-H (hh_masks=real|paste)")
+        self.hh_lesion_weight = float(hh_lesion_weight)
         self.cycle_detach_lesion, self.seg_loss, self.hh_masks = (
             cycle_detach_lesion,
             seg_loss,
@@ -168,13 +179,18 @@ class ProposedPaired(PHSMethod):
         return loss
 
     def cycle_terms(self, batch: dict[str, Any], c: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """L_CC's three L1 terms (P-H image, H-H image, H-H mask) and their sum ``cc``."""
+        """L_CC's three L1 terms (P-H image, H-H image, H-H mask) and their sum ``cc``, plus
+        ``hh_lesion_weight`` times the H-H image L1 inside the mask (always logged)."""
+        m = c["m_h"]
+        err = (c["x_hh_rec"].float() - batch["x_h"].float()).abs()
         t = {
             "cc_ph": l1(c["x_rec"], batch["x_p"]),
-            "cc_hh_image": l1(c["x_hh_rec"], batch["x_h"]),
-            "cc_hh_mask": l1(c["m_hh_rec"], c["m_h"]),  # L1, not Dice: Dice is undefined on 0
+            "cc_hh_image": err.mean(),
+            "cc_hh_mask": l1(c["m_hh_rec"], m),  # L1, not Dice: Dice is undefined on 0
+            "cc_hh_lesion": (err * m).sum() / m.sum().clamp_min(1.0),
         }
-        return {**t, "cc": t["cc_ph"] + t["cc_hh_image"] + t["cc_hh_mask"]}
+        cc = t["cc_ph"] + t["cc_hh_image"] + t["cc_hh_mask"]
+        return {**t, "cc": cc + self.hh_lesion_weight * t["cc_hh_lesion"]}
 
     def image_gan(self, c: dict[str, torch.Tensor]) -> torch.Tensor:
         """L_GAN1, generator side: G(x_p) (and R(x_h, 0) with empty masks) should look healthy."""
@@ -227,7 +243,10 @@ class ProposedUnpaired(ProposedPaired):
     """The unpaired setting: L_Seg is replaced by L_GAN2, a mask discriminator D_m between S(x_p)
     and real masks of other volumes."""
 
-    loss_names = ("loss", "cc", "cc_ph", "cc_hh_image", "cc_hh_mask", "gan1", "gan2", "d_x", "d_m")
+    loss_names = (
+        *("loss", "cc", "cc_ph", "cc_hh_image", "cc_hh_mask", "cc_hh_lesion"),
+        *("gan1", "gan2", "d_x", "d_m"),
+    )
 
     def __init__(
         self,
