@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import REPO, tiny_config
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 
 from phs import metrics
 from phs.nets import ResnetGenerator
@@ -249,3 +250,27 @@ def test_defaults_are_the_ablation_choice() -> None:
     assert model.mask_blend and model.blend_dilate == 2 and model.cycle_detach_lesion
     assert model.blend_close == 4
     assert model.hh_masks == "real" and model.seg_loss == "dice_bce"
+
+
+def test_hh_lesion_term_is_the_mean_error_inside_the_mask(tmp_path: Path) -> None:
+    """cc_hh_lesion averages G's H-H error over the mask's pixels and enters L_CC with its weight."""
+    cfg = tiny_config(tmp_path, None, "options.hh_masks=real", "options.hh_lesion_weight=3")
+    model = hydra.utils.instantiate(cfg.model)
+    x_h = torch.full((2, 1, 16, 16), 0.4)
+    m = torch.zeros_like(x_h)
+    m[..., 4:8, 4:8] = 1.0  # 16 pixels per image
+    rec = x_h.clone()
+    rec[..., 4:8, 4:8] += 0.2  # the lesion left in: error 0.2 inside, 0 outside
+    rec[..., 0, 0] += 0.5  # an error outside the mask: not in the lesion term
+    batch = {"x_p": x_h, "x_h": x_h}
+    c = {"x_rec": x_h, "x_hh_rec": rec, "m_hh_rec": m, "m_h": m}
+    t = model.cycle_terms(batch, c)
+    torch.testing.assert_close(t["cc_hh_lesion"], torch.tensor(0.2))
+    plain = t["cc_ph"] + t["cc_hh_image"] + t["cc_hh_mask"]
+    torch.testing.assert_close(t["cc"], plain + 3 * t["cc_hh_lesion"])
+    with pytest.raises(InstantiationException, match="hh_lesion_weight"):
+        hydra.utils.instantiate(
+            tiny_config(
+                tmp_path, None, "options.hh_masks=empty", "options.hh_lesion_weight=1"
+            ).model
+        )
