@@ -274,3 +274,26 @@ def test_hh_lesion_term_is_the_mean_error_inside_the_mask(tmp_path: Path) -> Non
                 tmp_path, None, "options.hh_masks=empty", "options.hh_lesion_weight=1"
             ).model
         )
+
+
+def test_inpaint_output_ignores_what_is_inside_the_region(tmp_path: Path) -> None:
+    """With inpaint, G repaints the blend region from its surroundings: two images that differ
+    only inside it (a bright lesion vs a dark core) get the same pseudo-healthy image."""
+    cfg = tiny_config(
+        tmp_path, None, "options.mask_blend=true", "options.inpaint=true", "options.blend_close=0"
+    )
+    model = hydra.utils.instantiate(cfg.model).eval()
+    assert next(m for m in model.G.modules() if isinstance(m, torch.nn.Conv2d)).in_channels == 2
+    mask = torch.zeros(1, 1, 48, 40)
+    mask[..., 12:24, 12:24] = 1.0
+    model.S = _Constant(mask)
+    x = _pair(shape=(48, 40))[0][:1]
+    bright, dark = x.clone(), x.clone()
+    inside = torch.zeros_like(mask, dtype=torch.bool)
+    inside[..., 10:26, 10:26] = True  # the region after the 2-pixel dilation
+    bright[inside], dark[inside] = 0.9, 0.1
+    with torch.no_grad():
+        a, b = model.synthesize(bright)["pseudo_healthy"], model.synthesize(dark)["pseudo_healthy"]
+    torch.testing.assert_close(a[inside], b[inside])
+    torch.testing.assert_close(a[~inside], bright[~inside])
+    assert not torch.allclose(a[inside], bright[inside])

@@ -28,6 +28,12 @@ Options beyond the paper (all off by default in the paper's configuration):
                        (R's output is detached there). "paste" (paired only): instead of R's
                        rendering, the real lesion of x_p is pasted into the healthy slice,
                        m_p * x_p + (1 - m_p) * x_h, and G and S must undo it.
+  inpaint:             with mask_blend, G sees the image with the blend region filled by the
+                       slice's mean brain intensity, and the region as a second channel
+                       (G(x_fill, w)): it repaints the lesion from the healthy tissue around it
+                       and cannot copy the lesion's own structure (dark necrotic cores, rims).
+                       In cycle H-H this is self-supervised inpainting of real healthy tissue.
+                       The generator needs in_channels=2 (conf: net.g_in).
   hh_lesion_weight:    with a non-empty H-H mask, L_CC gains this weight times the L1 between
                        G's repainting and x_h averaged over the mask's pixels only (the image
                        mean gives the few lesion pixels little weight: G then learns the
@@ -44,6 +50,16 @@ from torch import nn
 
 from phs.losses import Adversarial, dice_loss, l1
 from phs.methods.base import OptimizerFactory, PHSMethod, loss_weights
+
+
+def inpaint_input(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """G's input with ``inpaint``: the image with the region ``w`` filled by the mean intensity of
+    the brain outside it (per image), and ``w`` itself."""
+    brain = (x > 1e-3).to(x.dtype) * (1 - w)
+    fill = (x * brain).sum((1, 2, 3), keepdim=True) / brain.sum((1, 2, 3), keepdim=True).clamp_min(
+        1
+    )
+    return w * fill + (1 - w) * x, w
 
 
 class ProposedPaired(PHSMethod):
@@ -77,6 +93,7 @@ class ProposedPaired(PHSMethod):
         blend_dilate: int = 0,
         blend_close: int = 0,
         hh_lesion_weight: float = 0.0,
+        inpaint: bool = False,
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         if seg_loss not in ("dice", "dice_bce"):
@@ -88,6 +105,9 @@ class ProposedPaired(PHSMethod):
         if hh_lesion_weight and hh_masks == "empty":
             raise ValueError("hh_lesion_weight needs lesions in cycle H-H (hh_masks=real|paste)")
         self.hh_lesion_weight = float(hh_lesion_weight)
+        if inpaint and not mask_blend:
+            raise ValueError("inpaint needs mask_blend=true (G repaints the blend region)")
+        self.inpaint = inpaint
         self.cycle_detach_lesion, self.seg_loss, self.hh_masks = (
             cycle_detach_lesion,
             seg_loss,
@@ -119,18 +139,26 @@ class ProposedPaired(PHSMethod):
 
     def factorize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pseudo-healthy image G(x) and the pathology mask S(x) (``mask_blend``: G's output
-        only where S sees pathology, the input elsewhere)."""
-        x_ph, m = self.G(x), self.S(x)
-        if self.mask_blend:
-            w = m
-            if self.blend_close > 0:  # closing: dilate, then erode (fills holes, keeps the outline)
-                r = self.blend_close
-                w = -F.max_pool2d(-F.max_pool2d(w, 2 * r + 1, 1, r), 2 * r + 1, 1, r)
-            if self.blend_dilate > 0:
-                k = 2 * self.blend_dilate + 1
-                w = F.max_pool2d(w, k, stride=1, padding=self.blend_dilate)
-            x_ph = w * x_ph + (1 - w) * x
-        return x_ph, m
+        only where S sees pathology, the input elsewhere; ``inpaint``: G sees that region
+        filled)."""
+        m = self.S(x)
+        if not self.mask_blend:
+            return self.G(x), m
+        w = self.blend_region(m)
+        x_ph = self.G(torch.cat(inpaint_input(x, w.detach()), 1) if self.inpaint else x)
+        return w * x_ph + (1 - w) * x, m
+
+    def blend_region(self, m: torch.Tensor) -> torch.Tensor:
+        """Where G's output replaces the input: S's mask, closed (``blend_close``: fills holes such
+        as a necrotic core S leaves out) and dilated (``blend_dilate``: the border)."""
+        w = m
+        if self.blend_close > 0:  # closing: dilate, then erode (fills holes, keeps the outline)
+            r = self.blend_close
+            w = -F.max_pool2d(-F.max_pool2d(w, 2 * r + 1, 1, r), 2 * r + 1, 1, r)
+        if self.blend_dilate > 0:
+            k = 2 * self.blend_dilate + 1
+            w = F.max_pool2d(w, k, stride=1, padding=self.blend_dilate)
+        return w
 
     # -- the losses -------------------------------------------------------------------------------
     def fakes(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
