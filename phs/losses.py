@@ -58,6 +58,15 @@ def gradient_penalty(d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> to
     return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
+def bce(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of probabilities ``p`` against a binarised ``target``, in fp32.
+    Written out (not ``F.binary_cross_entropy``, which raises on NaN) so that a NaN reaches the
+    finiteness check and is reported with its term and step."""
+    with torch.autocast(p.device.type, enabled=False):
+        p, t = p.float().clamp(1e-6, 1 - 1e-6), (target > 0.5).float()
+        return -(t * p.log() + (1 - t) * (1 - p).log()).mean()
+
+
 def dice_loss(batch: bool = False) -> DiceLoss:
     """Differentiable (soft) Dice on probabilities (Milletari et al.). ``batch=True`` pools the
     whole batch, so slices with an empty mask are allowed."""

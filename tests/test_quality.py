@@ -297,3 +297,18 @@ def test_inpaint_output_ignores_what_is_inside_the_region(tmp_path: Path) -> Non
     torch.testing.assert_close(a[inside], b[inside])
     torch.testing.assert_close(a[~inside], bright[~inside])
     assert not torch.allclose(a[inside], bright[inside])
+
+
+def test_f_pre_dice_bce_adds_the_cross_entropy(tmp_path: Path) -> None:
+    from phs.losses import bce
+
+    cfg = tiny_config(tmp_path, None, "model=segmentor", "model.loss=dice_bce")
+    model = hydra.utils.instantiate(cfg.model)
+    m = torch.zeros(2, 1, 16, 16)
+    m[0, :, 4:9, 4:9] = 1.0
+    batch = {"x_p": torch.rand(2, 1, 16, 16), "x_h": torch.rand(2, 1, 16, 16), "m_p": m}
+    f = model.fakes(batch)
+    both = torch.cat([m, torch.zeros_like(m)])
+    expected = model.dice(f["m"], both) + bce(f["m"], both)
+    torch.testing.assert_close(model.generator_loss(batch, f)["loss"], expected)
+    assert bce(f["m"], both) > 0

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from phs.losses import Adversarial, dice_loss, l1
+from phs.losses import Adversarial, bce, dice_loss, l1
 from phs.methods.base import OptimizerFactory, PHSMethod, loss_weights
 
 
@@ -145,19 +145,25 @@ class CycleGAN(PHSMethod):
 
 
 class PathologySegmentor(PHSMethod):
-    """f_pre, the evaluation segmentor: S trained with Dice. Healthy slices (empty masks) join
-    each batch so f_pre learns to find nothing on healthy tissue; the Dice is pooled over the
-    batch (MONAI ``batch=True``), which is defined even for empty masks."""
+    """f_pre, the evaluation segmentor: S trained with Dice (+ BCE: ``loss="dice_bce"``). Healthy
+    slices (empty masks) join each batch so f_pre learns to find nothing on healthy tissue; the
+    Dice is pooled over the batch (MONAI ``batch=True``), which is defined even for empty masks."""
 
     loss_names = ("loss",)
     visual_names = ("x_p", "mask", "m_p")
     monitor = ("val/dice", "max")
 
     def __init__(
-        self, segmentor: nn.Module, optimizer: OptimizerFactory, include_healthy: bool = True
+        self,
+        segmentor: nn.Module,
+        optimizer: OptimizerFactory,
+        include_healthy: bool = True,
+        loss: str = "dice",
     ) -> None:
         super().__init__(optimizer)
-        self.S, self.include_healthy = segmentor, include_healthy
+        if loss not in ("dice", "dice_bce"):
+            raise ValueError(f"loss must be 'dice' or 'dice_bce', not '{loss}'")
+        self.S, self.include_healthy, self.loss = segmentor, include_healthy, loss
         self.dice = dice_loss(batch=True)
 
     def synthesize(self, x_p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -175,7 +181,8 @@ class PathologySegmentor(PHSMethod):
         m = batch["m_p"]
         if self.include_healthy:
             m = torch.cat([m, torch.zeros_like(batch["m_p"])])
-        return {"loss": self.dice(f["m"], m)}
+        loss = self.dice(f["m"], m)
+        return {"loss": loss + bce(f["m"], m) if self.loss == "dice_bce" else loss}
 
     def optimizer_groups(self):
         return [("segmentor", self.S.parameters(), False)]

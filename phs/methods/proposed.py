@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phs.losses import Adversarial, dice_loss, l1
+from phs.losses import Adversarial, bce, dice_loss, l1
 from phs.methods.base import OptimizerFactory, PHSMethod, loss_weights
 
 
@@ -199,11 +199,7 @@ class ProposedPaired(PHSMethod):
         """L_Seg: Dice between S(x_p) and its annotated mask (+ BCE with ``dice_bce``)."""
         loss = self.dice(m_ph, batch["m_p"])
         if self.seg_loss == "dice_bce":
-            with torch.autocast(m_ph.device.type, enabled=False):
-                # written out (not F.binary_cross_entropy, which raises on NaN) so that a NaN
-                # reaches the finiteness check and is reported with its term and step
-                p, t = m_ph.float().clamp(1e-6, 1 - 1e-6), (batch["m_p"] > 0.5).float()
-                loss = loss - (t * p.log() + (1 - t) * (1 - p).log()).mean()
+            loss = loss + bce(m_ph, batch["m_p"])
         return loss
 
     def cycle_terms(self, batch: dict[str, Any], c: dict[str, torch.Tensor]) -> dict[str, Any]:
