@@ -248,7 +248,7 @@ def test_defaults_are_the_ablation_choice() -> None:
     model = hydra.utils.instantiate(cfg.model)
     assert cfg.data.preprocess.normalize == "median" and model.G.skip and model.R.skip
     assert model.mask_blend and model.blend_dilate == 2 and model.cycle_detach_lesion
-    assert model.blend_close == 4
+    assert model.blend_close == 4 and model.inpaint and model.hh_lesion_weight == 0
     assert model.hh_masks == "real" and model.seg_loss == "dice_bce"
 
 
