@@ -85,7 +85,8 @@ def test_skip_generator_follows_a_global_gain_and_the_plain_one_does_not() -> No
 
 
 def test_mask_blend_keeps_the_input_where_s_sees_no_pathology(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path, None, "options.mask_blend=true")
+    # the region's geometry; G's input there (options.inpaint) is tested below
+    cfg = tiny_config(tmp_path, None, "options.mask_blend=true", "options.inpaint=false")
     model = hydra.utils.instantiate(cfg.model).eval()
     x = _pair(shape=(48, 40))[0]
     with torch.no_grad():
@@ -104,8 +105,8 @@ def test_cycle_gradient_into_g_inside_the_lesion(tmp_path: Path, detach: bool) -
     model = hydra.utils.instantiate(cfg.model)
     x, _, m = _pair(shape=(48, 40))
     batch = {"x_p": x, "m_p": m, "x_h": x.flip(-1)}
-    x_ph = model.G(x)
-    model.G = _Fixed(x_ph)  # the same G(x_p) tensor comes back, so its gradient can be read
+    x_ph = torch.rand_like(x).requires_grad_()
+    model.G = _Fixed(x_ph)  # this G(x_p) tensor comes back, so its gradient can be read
     c = model.fakes(batch)
     cc_ph = model.generator_loss(batch, c)["cc_ph"]
     (grad,) = torch.autograd.grad(cc_ph, x_ph, retain_graph=True)
@@ -115,7 +116,7 @@ def test_cycle_gradient_into_g_inside_the_lesion(tmp_path: Path, detach: bool) -
 
 
 class _Fixed(torch.nn.Module):
-    """Returns a given tensor for the first call, then runs the wrapped generator's copy."""
+    """Returns a given tensor for the first call, then its input image (channel 0)."""
 
     def __init__(self, first: torch.Tensor) -> None:
         super().__init__()
@@ -124,7 +125,7 @@ class _Fixed(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self.first if self.calls == 1 else x
+        return self.first if self.calls == 1 else x[:, :1]
 
 
 def test_short_training_leaves_healthy_tissue_close_to_the_truth(tmp_path: Path) -> None:
@@ -171,7 +172,9 @@ def test_hh_cycle_mask_and_what_d_x_judges(tmp_path: Path, hh_masks: str) -> Non
 
 
 def test_blend_dilate_repaints_the_border_and_fills_small_holes(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path, None, "options.mask_blend=true", "options.blend_dilate=1")
+    cfg = tiny_config(
+        tmp_path, None, "options.mask_blend=true", "options.blend_dilate=1", "options.inpaint=false"
+    )
     model = hydra.utils.instantiate(cfg.model).eval()
     mask = torch.zeros(1, 1, 48, 40)
     mask[..., 10:20, 10:20] = 1.0
@@ -189,7 +192,12 @@ def test_blend_dilate_repaints_the_border_and_fills_small_holes(tmp_path: Path) 
 def test_blend_close_fills_a_core_s_leaves_out(tmp_path: Path) -> None:
     """A ring-shaped mask (S misses a dark core): closing fills the core, keeps the outline."""
     cfg = tiny_config(
-        tmp_path, None, "options.mask_blend=true", "options.blend_dilate=0", "options.blend_close=4"
+        tmp_path,
+        None,
+        "options.mask_blend=true",
+        "options.blend_dilate=0",
+        "options.blend_close=4",
+        "options.inpaint=false",
     )
     model = hydra.utils.instantiate(cfg.model).eval()
     mask = torch.zeros(1, 1, 48, 40)
