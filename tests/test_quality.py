@@ -84,6 +84,21 @@ def test_skip_generator_follows_a_global_gain_and_the_plain_one_does_not() -> No
     assert abs(_gain_ratio(skip, x) - 0.6) < 0.08
 
 
+def test_the_default_inpainting_generator_follows_a_global_gain(tmp_path: Path) -> None:
+    """The chosen G (skip, inpainting input): a brain 0.6 as bright comes back 0.6 as bright."""
+    from phs.methods.proposed import inpaint_input
+
+    model = hydra.utils.instantiate(tiny_config(tmp_path, None).model).eval()
+    assert model.inpaint and model.G.skip
+    x, _, m = _pair()
+    x, w = x[:1], m[:1]
+
+    def g(image: torch.Tensor) -> torch.Tensor:
+        return model.G(torch.cat(inpaint_input(image, w), 1))
+
+    assert abs(_gain_ratio(g, x) - 0.6) < 0.08
+
+
 def test_mask_blend_keeps_the_input_where_s_sees_no_pathology(tmp_path: Path) -> None:
     # the region's geometry; G's input there (options.inpaint) is tested below
     cfg = tiny_config(tmp_path, None, "options.mask_blend=true", "options.inpaint=false")
