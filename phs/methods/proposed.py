@@ -55,10 +55,9 @@ from phs.methods.base import OptimizerFactory, PHSMethod, loss_weights
 def inpaint_input(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """G's input with ``inpaint``: the image with the region ``w`` filled by the mean intensity of
     the brain outside it (per image), and ``w`` itself."""
-    brain = (x > 1e-3).to(x.dtype) * (1 - w)
-    fill = (x * brain).sum((1, 2, 3), keepdim=True) / brain.sum((1, 2, 3), keepdim=True).clamp_min(
-        1
-    )
+    around = (x > 1e-3).to(x.dtype) * (1 - w)  # brain pixels outside the region
+    dims = (1, 2, 3)
+    fill = (x * around).sum(dims, keepdim=True) / around.sum(dims, keepdim=True).clamp_min(1)
     return w * fill + (1 - w) * x, w
 
 
