@@ -32,16 +32,14 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cyclegan_reference import build_reference  # noqa: E402
-from train_step import FixedBatch, bench_trainer  # noqa: E402
+from train_step import FixedBatch, bench_trainer, build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,22 +127,6 @@ def label_reference(ref) -> None:
         setattr(ref, attr, labelled(getattr(ref, attr), f"ref::{attr}"))
 
 
-def build_phs(name: str, width: int) -> pl.LightningModule:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"model={name}",
-                f"net.width={width}",
-                "net.n_res=6",
-                "net.d_layers=3",
-                "net.seg_depth=4",
-                "paths.output_dir=/tmp/phs-bench",
-            ],
-        )
-    return hydra.utils.instantiate(cfg.model)
-
-
 class Profiled(pl.Callback):
     def __init__(self, warmup: int, prof) -> None:
         self.warmup, self.prof, self.on = warmup, prof, False
@@ -173,7 +155,7 @@ def new_profiler() -> profile:
 
 def profile_phs(name, args, precision) -> tuple[profile, list[float]]:
     torch.manual_seed(0)
-    model = build_phs(name, args.width)
+    model = build_model(name, args.width, "net.n_res=6", "net.d_layers=3")
     label_phs(model)
     h, w = args.size
     n = args.warmup + args.steps

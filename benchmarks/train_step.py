@@ -58,7 +58,8 @@ class FixedBatch(Dataset):
         return self.item
 
 
-def build_model(name: str, width: int) -> pl.LightningModule:
+def build_model(name: str, width: int, *overrides: str) -> pl.LightningModule:
+    """The method ``model=name`` at ``net.width=width`` (plus ``overrides``), as phs.train builds it."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(
             "train",
@@ -67,6 +68,7 @@ def build_model(name: str, width: int) -> pl.LightningModule:
                 f"net.width={width}",
                 "net.seg_depth=4",
                 "paths.output_dir=/tmp/phs-bench",
+                *overrides,
             ],
         )
     return hydra.utils.instantiate(cfg.model)
