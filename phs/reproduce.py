@@ -10,7 +10,6 @@ test slices at ``alpha``) and ``figure4.png``.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from phs.checkpoint import load_method
 from phs.cli import friendly_errors
+from phs.errors import PhsError
 from phs.evaluation import markdown_table, mean_cell, write_table
 from phs.io import write_json, write_text
 from phs.metrics import wilcoxon_signed_rank
@@ -140,9 +140,18 @@ def figure4(out: Path, methods: list[str], ckpts: dict[str, Path], datamodule: A
     return save_grid(visuals, out / "figure4.png", title, titles=LABELS)
 
 
+def f_pre_checkpoint(last: Path, which: str) -> Path:
+    """f_pre's checkpoint: ``best`` (its best validation Dice; ``last`` if none was saved) or
+    ``last``."""
+    best = sorted(last.parent.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return best[-1] if which == "best" and best else last
+
+
 @friendly_errors
 def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
+    if cfg.f_pre_checkpoint not in ("best", "last"):  # fail before any training
+        raise PhsError(f"f_pre_checkpoint must be 'best' or 'last', not '{cfg.f_pre_checkpoint}'")
     hc = HydraConfig.get()
     data_choice = hc.runtime.choices["data"]
     data_overrides = [o for o in hc.overrides.task if o.startswith("data.")]
@@ -157,14 +166,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for method in ["segmentor", *cfg.methods]:
         log.info("%s", method)
         over = [*common, f"model={method}", f"test={method == 'segmentor'}"]
+        if method == "segmentor":
+            over += list(cfg.f_pre_overrides)
         ckpts[method], _ = train_once(out / method, over)
+    ckpts["segmentor"] = f_pre_checkpoint(ckpts["segmentor"], cfg.f_pre_checkpoint)
+    f_pre_eval = out / "segmentor" / "eval"
+    f_pre = evaluate_checkpoint(str(ckpts["segmentor"]), None, None, f_pre_eval)
     summary, rows = {}, {}
     for method in cfg.methods:
         summary[method] = evaluate_checkpoint(
             str(ckpts[method]), str(ckpts["segmentor"]), None, out / method / "eval"
         )
         rows[method] = read_rows(out / method / "eval" / "test_metrics.csv")
-    f_pre = json.loads((out / "segmentor" / "metrics.json").read_text())
     sig = significance(rows, list(cfg.methods), summary, cfg.alpha)
     dataset = data_choice
     table = render_table(dataset, list(cfg.methods), summary, sig)
@@ -217,6 +230,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "metrics": summary,
             "significance": sig,
             "f_pre": f_pre,
+            "f_pre_checkpoint": str(ckpts["segmentor"]),
             "config": OmegaConf.to_container(cfg, resolve=True),
         },
     )

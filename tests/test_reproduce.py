@@ -11,6 +11,7 @@ from pathlib import Path
 
 from conftest import METHODS
 
+from phs.checkpoint import read_checkpoint
 from phs.reproduce import LABELS
 
 # the trainings' overrides: conf/debug/tiny.yaml, four steps
@@ -35,6 +36,8 @@ def test_reproduce_writes_table_and_figure(brats_root: Path, tmp_path: Path) -> 
             f"data.root={brats_root}",
             "data.split.test_fraction=0.4",
             f"train_overrides={overrides}",
+            # f_pre validates at steps 2 and 4, so that a best checkpoint exists
+            "f_pre_overrides=['net.width=32','+trainer.val_check_interval=2']",
             f"hydra.run.dir={out}",
         ],
         tmp_path,
@@ -55,6 +58,13 @@ def test_reproduce_writes_table_and_figure(brats_root: Path, tmp_path: Path) -> 
     assert "proposed_paired" in result["significance"]
     assert (out / "figure4.png").stat().st_size > 5000
     assert "dice" in result["f_pre"]
+    f_pre = Path(result["f_pre_checkpoint"])  # the best validation Dice (f_pre_checkpoint=best)
+    assert f_pre.parent == out / "segmentor" / "checkpoints" and f_pre.name.startswith("best-")
+    assert read_checkpoint(f_pre)["phs_config"]["net"]["width"] == 32  # f_pre_overrides
+    assert (
+        read_checkpoint(out / "cgan" / "checkpoints" / "last.ckpt")["phs_config"]["net"]["width"]
+        == 8
+    )
 
     # phs.evaluate on one of those checkpoints gives the same numbers as reproduce did
     ev = tmp_path / "ev"
@@ -62,7 +72,7 @@ def test_reproduce_writes_table_and_figure(brats_root: Path, tmp_path: Path) -> 
         [
             "phs.evaluate",
             f"ckpt_path={out / 'cgan' / 'checkpoints' / 'last.ckpt'}",
-            f"segmentor_ckpt={out / 'segmentor' / 'checkpoints' / 'last.ckpt'}",
+            f"segmentor_ckpt={f_pre}",
             f"hydra.run.dir={ev}",
         ],
         tmp_path,
