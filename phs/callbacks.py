@@ -13,6 +13,48 @@ from phs.io import atomic_path
 from phs.plots import save_grid
 
 
+class EMA(pl.callbacks.WeightAveraging):
+    """An exponential moving average of every weight, updated after each batch, with the usual
+    warm-up: the decay is ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so a short run
+    is not averaged into its random initialisation. Lightning's :class:`WeightAveraging` validates,
+    checkpoints (``state_dict``; the raw weights under ``current_model_state``) and tests the
+    averaged weights. GAN outputs oscillate from step to step; their average is steadier
+    (docs/ablation.md)."""
+
+    def __init__(self, decay: float = 0.995, **kwargs: Any) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), not {decay}")
+        self.decay = decay
+        self._raw: dict[str, torch.Tensor] | None = None
+        super().__init__(multi_avg_fn=self.average, **kwargs)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The model takes the average (to be tested); the raw weights are kept for the final
+        checkpoint, so that resuming it continues the raw trajectory."""
+        self._raw = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._raw is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = self._raw
+
+    @torch.no_grad()
+    def average(
+        self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor
+    ) -> None:
+        """``AveragedModel``'s ``multi_avg_fn`` (one device and dtype per call): the next average,
+        in place, with the decay computed on the device (no host synchronisation)."""
+        if not averaged[0].is_floating_point():  # integer buffers (counters): the current value
+            torch._foreach_copy_(averaged, current)
+            return
+        n = num_averaged.to(averaged[0].device, torch.float32)
+        decay = torch.clamp((1 + n) / (10 + n), max=self.decay)
+        torch._foreach_lerp_(averaged, current, (1 - decay).to(averaged[0].dtype))
+
+
 class SampleGrid(pl.Callback):
     """A PNG grid of ``n_samples`` validation/test slices spread over the split (evenly spaced,
     so several cases appear), with every visual the method declares: ``val_samples.png`` (latest

@@ -261,3 +261,44 @@ def test_unknown_loss_weight_is_an_error(brats_root: Path, tmp_path: Path) -> No
     while cause is not None and not isinstance(cause, PhsError):
         cause = cause.__cause__
     assert cause is not None and "lambda_ccc" in str(cause)
+
+
+def test_ema_warms_up_then_decays() -> None:
+    """phs.callbacks.EMA: the first update copies, the n-th averages with min(decay, (1+n)/(10+n));
+    integer buffers take the current value."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from phs.callbacks import EMA
+
+    net = torch.nn.BatchNorm2d(1)  # a float weight and an integer buffer (num_batches_tracked)
+    avg = AveragedModel(net, multi_avg_fn=EMA(decay=0.5).average, use_buffers=True)
+    values = [4.0, 0.0, 2.0, 0.0]
+    expected = values[0]
+    for n, v in enumerate(values):
+        with torch.no_grad():
+            net.weight.fill_(v)
+            net.num_batches_tracked.fill_(n)
+        avg.update_parameters(net)
+        d = min(0.5, (1 + n) / (10 + n)) if n else 0.0  # n: the updates before this one
+        expected = d * expected + (1 - d) * v
+        assert avg.module.weight.item() == pytest.approx(expected)
+        assert avg.module.num_batches_tracked.item() == n
+    assert expected != values[-1]  # the average lags the weights
+    with pytest.raises(ValueError, match="decay"):
+        EMA(decay=1.0)
+
+
+def test_checkpoint_holds_the_weight_average(brats_root: Path, tmp_path: Path) -> None:
+    """With callbacks.ema (the default) the checkpoint's state_dict is the average, which
+    load_method (evaluate, synthesize) reads; the raw weights are kept for resuming."""
+    from phs.checkpoint import load_method
+
+    train(tiny_config(tmp_path, brats_root, "model=proposed_paired", "test=false"))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    avg, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert avg.keys() == raw.keys()
+    assert any(not torch.equal(avg[k], raw[k]) for k in avg if avg[k].is_floating_point())
+    model, _ = load_method(last)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, avg[k])

@@ -259,6 +259,7 @@ def test_experiment_paper_is_the_paper_and_nothing_else(experiment: str) -> None
         0,
     )
     assert cfg.model.optimizer.lr == 2e-4 and cfg.trainer.max_epochs == 300
+    assert cfg.callbacks.ema is None  # the last step's weights, no averaging
     model = hydra.utils.instantiate(cfg.model)
     assert not model.G.skip
     if hasattr(model, "mask_blend"):
@@ -273,6 +274,7 @@ def test_defaults_are_the_ablation_choice() -> None:
     assert model.mask_blend and model.blend_dilate == 2 and model.cycle_detach_lesion
     assert model.blend_close == 4 and model.inpaint and model.hh_lesion_weight == 0
     assert model.hh_masks == "real" and model.seg_loss == "dice_bce"
+    assert cfg.callbacks.ema._target_ == "phs.callbacks.EMA" and cfg.callbacks.ema.decay == 0.995
 
 
 def test_hh_lesion_term_is_the_mean_error_inside_the_mask(tmp_path: Path) -> None:
