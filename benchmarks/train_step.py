@@ -10,9 +10,11 @@ networks at the same initial weights train on one fixed in-memory batch:
   does), with ``torch.autocast`` for bf16.
 
 Prints images/s (one image = one pathological slice of the batch) and the ratio of median step
-times, Lightning / bare (target: at most 1.10).
+times, Lightning / bare (target: at most 1.10). ``--ema`` adds Lightning with the weight average
+(``phs.callbacks.EMA``, the default ``callbacks.ema``) and its cost, the step-time ratio
+EMA / Lightning.
 
-    python benchmarks/train_step.py [--size 104 80] [--width 16] [--batch 4] [--steps 20]
+    python benchmarks/train_step.py [--size 104 80] [--width 16] [--batch 4] [--steps 20] [--ema]
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, Dataset
+
+from phs.callbacks import EMA
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["proposed_paired", "proposed_unpaired", "cgan", "cyclegan", "segmentor"]
@@ -103,10 +107,14 @@ def bench_trainer(n: int, precision: str, callbacks: list[pl.Callback]) -> pl.Tr
 
 
 def lightning_steps(
-    model: pl.LightningModule, loader: DataLoader, n: int, precision: str
+    model: pl.LightningModule,
+    loader: DataLoader,
+    n: int,
+    precision: str,
+    extra: list[pl.Callback] | None = None,
 ) -> list[float]:
     timer = StepTimer()
-    bench_trainer(n, precision, [timer]).fit(model, train_dataloaders=loader)
+    bench_trainer(n, precision, [timer, *(extra or [])]).fit(model, train_dataloaders=loader)
     return [b - a for a, b in zip(timer.starts, timer.starts[1:], strict=False)]
 
 
@@ -162,6 +170,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument(
+        "--ema", action="store_true", help="also time the weight average (callbacks.ema)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     cpu = next(
@@ -179,7 +190,8 @@ def main() -> None:
     )
     h, w = args.size
     n = args.steps + args.warmup
-    print(f"{'method':18s} {'prec':5s} {'lightning img/s':>16s} {'bare img/s':>11s} {'ratio':>6s}")
+    head = f"{'method':18s} {'prec':5s} {'lightning img/s':>16s} {'bare img/s':>11s} {'ratio':>6s}"
+    print(head + (f" {'+EMA img/s':>11s} {'EMA cost':>8s}" if args.ema else ""))
     for name in args.methods:
         for prec in args.precision:
             torch.manual_seed(0)
@@ -193,8 +205,14 @@ def main() -> None:
             )
             ratio = light / bare
             flag = "" if ratio <= TARGET else "  (above target)"
+            ema = ""
+            if args.ema:
+                steps = lightning_steps(copy.deepcopy(base), loader, n, prec, [EMA()])
+                t = statistics.median(steps[args.warmup :])
+                ema = f" {args.batch / t:11.1f} {t / light:8.3f}"
             print(
-                f"{name:18s} {prec:5s} {args.batch / light:16.1f} {args.batch / bare:11.1f} {ratio:6.3f}{flag}",
+                f"{name:18s} {prec:5s} {args.batch / light:16.1f} {args.batch / bare:11.1f} "
+                f"{ratio:6.3f}{ema}{flag}",
                 flush=True,
             )
     print(f"\ntarget: Lightning / bare <= {TARGET}")
