@@ -263,7 +263,7 @@ def test_experiment_paper_is_the_paper_and_nothing_else(experiment: str) -> None
     model = hydra.utils.instantiate(cfg.model)
     assert not model.G.skip
     if hasattr(model, "mask_blend"):
-        assert not model.mask_blend and model.hh_masks == "empty"
+        assert not model.mask_blend and model.hh_masks == "empty" and not model.blend_in_brain
 
 
 def test_defaults_are_the_ablation_choice() -> None:
@@ -337,3 +337,31 @@ def test_f_pre_dice_bce_adds_the_cross_entropy(tmp_path: Path) -> None:
     expected = model.dice(f["m"], both) + bce(f["m"], both)
     torch.testing.assert_close(model.generator_loss(batch, f)["loss"], expected)
     assert bce(f["m"], both) > 0
+
+
+def test_blend_in_brain_keeps_the_background(tmp_path: Path) -> None:
+    """options.blend_in_brain: a lesion at the brain's edge is repainted inside the brain only;
+    the background stays the input's zero, and a dark core inside the brain is still repainted."""
+    cfg = tiny_config(
+        tmp_path,
+        None,
+        "options.blend_in_brain=true",
+        "options.inpaint=false",
+        "options.blend_close=0",
+    )
+    model = hydra.utils.instantiate(cfg.model)
+    x = torch.zeros(1, 1, 32, 32)
+    x[..., 4:28, 4:20] = 0.5  # the brain: columns 4-19
+    x[..., 12:14, 16:18] = 0.0  # a black core inside the brain, at its lesion
+    mask = torch.zeros_like(x)
+    mask[..., 10:16, 14:20] = 1.0  # a lesion at the brain's right edge
+    g = torch.full_like(x, 0.9)
+    model.S, model.G = _Constant(mask), _Constant(g)
+    out, _ = model.factorize(x)
+    background = x == 0
+    background[..., 12:14, 16:18] = False
+    assert out[background].abs().max() == 0  # nothing painted outside the brain
+    torch.testing.assert_close(out[..., 12:14, 16:18], g[..., 12:14, 16:18])  # the core: repainted
+    model.blend_in_brain = False  # without it the dilated region spills out of the brain
+    out, _ = model.factorize(x)
+    assert out[background].max() > 0

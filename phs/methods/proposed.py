@@ -34,6 +34,9 @@ Options beyond the paper (all off by default in the paper's configuration):
                        and cannot copy the lesion's own structure (dark necrotic cores, rims).
                        In cycle H-H this is self-supervised inpainting of real healthy tissue.
                        The generator needs in_channels=2 (conf: net.g_in).
+  blend_in_brain:      with mask_blend, the blend region is cut to the brain (the input's
+                       non-zero pixels, closed): the dilated region of a lesion at the edge of
+                       the brain no longer makes G paint tissue into the background.
   hh_lesion_weight:    with a non-empty H-H mask, L_CC gains this weight times the L1 between
                        G's repainting and x_h averaged over the mask's pixels only (the image
                        mean gives the few lesion pixels little weight: G then learns the
@@ -59,6 +62,14 @@ def inpaint_input(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch
     dims = (1, 2, 3)
     fill = (x * around).sum(dims, keepdim=True) / around.sum(dims, keepdim=True).clamp_min(1)
     return w * fill + (1 - w) * x, w
+
+
+def brain_region(x: torch.Tensor, radius: int = 4) -> torch.Tensor:
+    """The brain of each image: its non-zero pixels, closed with ``radius`` (dark pixels inside
+    the brain, such as a necrotic core, stay in)."""
+    k = 2 * radius + 1
+    b = (x > 1e-3).to(x.dtype)
+    return -F.max_pool2d(-F.max_pool2d(b, k, 1, radius), k, 1, radius)
 
 
 class ProposedPaired(PHSMethod):
@@ -93,6 +104,7 @@ class ProposedPaired(PHSMethod):
         blend_close: int = 0,
         hh_lesion_weight: float = 0.0,
         inpaint: bool = False,
+        blend_in_brain: bool = False,
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         if seg_loss not in ("dice", "dice_bce"):
@@ -107,6 +119,9 @@ class ProposedPaired(PHSMethod):
         if inpaint and not mask_blend:
             raise ValueError("inpaint needs mask_blend=true (G repaints the blend region)")
         self.inpaint = inpaint
+        if blend_in_brain and not mask_blend:
+            raise ValueError("blend_in_brain needs mask_blend=true")
+        self.blend_in_brain = blend_in_brain
         self.cycle_detach_lesion, self.seg_loss, self.hh_masks = (
             cycle_detach_lesion,
             seg_loss,
@@ -144,6 +159,8 @@ class ProposedPaired(PHSMethod):
         if not self.mask_blend:
             return self.G(x), m
         w = self.blend_region(m)
+        if self.blend_in_brain:
+            w = w * brain_region(x)
         x_ph = self.G(torch.cat(inpaint_input(x, w.detach()), 1) if self.inpaint else x)
         return w * x_ph + (1 - w) * x, m
 
