@@ -165,7 +165,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpts: dict[str, Path] = {}
     for method in ["segmentor", *cfg.methods]:
         log.info("%s", method)
-        over = [*common, f"model={method}", f"test={method == 'segmentor'}"]
+        over = [*common, f"model={method}", "test=false"]  # evaluated below
         if method == "segmentor":
             over += list(cfg.f_pre_overrides)
         ckpts[method], _ = train_once(out / method, over)

@@ -55,10 +55,25 @@ from phs.losses import Adversarial, bce, dice_loss, l1
 from phs.methods.base import OptimizerFactory, PHSMethod, loss_weights
 
 
+def dilate(w: torch.Tensor, r: int) -> torch.Tensor:
+    """Grey-level dilation of a (soft) mask by ``r`` pixels (max over a square)."""
+    return F.max_pool2d(w, 2 * r + 1, stride=1, padding=r)
+
+
+def closing(w: torch.Tensor, r: int) -> torch.Tensor:
+    """Grey-level closing with radius ``r``: dilate, then erode (fills holes, keeps the outline)."""
+    return -dilate(-dilate(w, r), r)
+
+
+def nonzero(x: torch.Tensor) -> torch.Tensor:
+    """The image's non-zero (brain) pixels as a float mask."""
+    return (x > 1e-3).to(x.dtype)
+
+
 def inpaint_input(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """G's input with ``inpaint``: the image with the region ``w`` filled by the mean intensity of
     the brain outside it (per image), and ``w`` itself."""
-    around = (x > 1e-3).to(x.dtype) * (1 - w)  # brain pixels outside the region
+    around = nonzero(x) * (1 - w)  # brain pixels outside the region
     dims = (1, 2, 3)
     fill = (x * around).sum(dims, keepdim=True) / around.sum(dims, keepdim=True).clamp_min(1)
     return w * fill + (1 - w) * x, w
@@ -67,9 +82,7 @@ def inpaint_input(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch
 def brain_region(x: torch.Tensor, radius: int = 4) -> torch.Tensor:
     """The brain of each image: its non-zero pixels, closed with ``radius`` (dark pixels inside
     the brain, such as a necrotic core, stay in)."""
-    k = 2 * radius + 1
-    b = (x > 1e-3).to(x.dtype)
-    return -F.max_pool2d(-F.max_pool2d(b, k, 1, radius), k, 1, radius)
+    return closing(nonzero(x), radius)
 
 
 class ProposedPaired(PHSMethod):
@@ -167,14 +180,8 @@ class ProposedPaired(PHSMethod):
     def blend_region(self, m: torch.Tensor) -> torch.Tensor:
         """Where G's output replaces the input: S's mask, closed (``blend_close``: fills holes such
         as a necrotic core S leaves out) and dilated (``blend_dilate``: the border)."""
-        w = m
-        if self.blend_close > 0:  # closing: dilate, then erode (fills holes, keeps the outline)
-            r = self.blend_close
-            w = -F.max_pool2d(-F.max_pool2d(w, 2 * r + 1, 1, r), 2 * r + 1, 1, r)
-        if self.blend_dilate > 0:
-            k = 2 * self.blend_dilate + 1
-            w = F.max_pool2d(w, k, stride=1, padding=self.blend_dilate)
-        return w
+        w = closing(m, self.blend_close) if self.blend_close > 0 else m
+        return dilate(w, self.blend_dilate) if self.blend_dilate > 0 else w
 
     # -- the losses -------------------------------------------------------------------------------
     def fakes(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
