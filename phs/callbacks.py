@@ -55,6 +55,38 @@ class EMA(pl.callbacks.WeightAveraging):
         torch._foreach_lerp_(averaged, current, (1 - decay).to(averaged[0].dtype))
 
 
+class LinearLRDecay(pl.Callback):
+    """CycleGAN's schedule for any method: every optimizer keeps its learning rate for the first
+    ``start`` of training, then decays it linearly to zero at the last step (``start=None``:
+    constant). The rate is a function of the global step alone (no scheduler state: a resumed
+    run continues exactly). Manual optimisation ignores Lightning's schedulers, so the callback
+    sets the rates itself before each batch."""
+
+    def __init__(self, start: float | None = 0.5) -> None:
+        if start is not None and not 0.0 <= start < 1.0:
+            raise ValueError(f"LinearLRDecay start must be null or in [0, 1), not {start}")
+        self.start = start
+
+    def factor(self, step: int, total: int) -> float:
+        """The learning rate's multiplier at ``step`` of ``total``."""
+        if self.start is None:
+            return 1.0
+        t = step / max(total, 1)
+        return max(0.0, min(1.0, (1.0 - t) / (1.0 - self.start)))
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.start is None:
+            return
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        f = self.factor(trainer.global_step, int(total))
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+                group["lr"] = group["initial_lr"] * f
+
+
 class SampleGrid(pl.Callback):
     """A PNG grid of ``n_samples`` validation/test slices spread over the split (evenly spaced,
     so several cases appear), with every visual the method declares: ``val_samples.png`` (latest

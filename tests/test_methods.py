@@ -302,3 +302,33 @@ def test_checkpoint_holds_the_weight_average(brats_root: Path, tmp_path: Path) -
     model, _ = load_method(last)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, avg[k])
+
+
+def test_linear_lr_decay_schedule_and_what_a_run_ends_with(
+    brats_root: Path, tmp_path: Path
+) -> None:
+    """callbacks.lr_decay: constant for the first `start` of training, then linear to zero; a
+    tiny run's optimizers end at the last step's rate (one global step per batch)."""
+    from phs.callbacks import LinearLRDecay
+
+    sched = LinearLRDecay(start=0.5)
+    assert [sched.factor(s, 8) for s in (0, 3, 4, 6, 8)] == [1.0, 1.0, 1.0, 0.5, 0.0]
+    assert LinearLRDecay(start=None).factor(7, 8) == 1.0  # the default: constant
+    with pytest.raises(ValueError, match="start"):
+        LinearLRDecay(start=1.0)
+    cfg = tiny_config(
+        tmp_path,
+        brats_root,
+        "model=proposed_unpaired",
+        "test=false",
+        "trainer.max_steps=4",
+        "callbacks.lr_decay.start=0.5",
+    )
+    train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4
+    groups = [g for state in ckpt["optimizer_states"] for g in state["param_groups"]]
+    assert len(groups) == 3  # G/S/R, D_x, D_m
+    for g in groups:  # the last batch (step 3 of 4) ran at half the rate
+        assert g["initial_lr"] == cfg.model.optimizer.lr
+        assert g["lr"] == pytest.approx(0.5 * g["initial_lr"])

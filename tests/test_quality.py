@@ -260,6 +260,7 @@ def test_experiment_paper_is_the_paper_and_nothing_else(experiment: str) -> None
     )
     assert cfg.model.optimizer.lr == 2e-4 and cfg.trainer.max_epochs == 300
     assert cfg.callbacks.ema is None  # the last step's weights, no averaging
+    assert cfg.callbacks.lr_decay is None  # constant learning rates
     model = hydra.utils.instantiate(cfg.model)
     assert not model.G.skip
     if hasattr(model, "mask_blend"):
