@@ -163,7 +163,11 @@ def test_short_training_leaves_healthy_tissue_close_to_the_truth(tmp_path: Path)
     train(cfg)
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     print({k: round(v["mean"], 3) for k, v in m.items() if v["mean"] is not None})
-    assert m["psnr_outside"]["mean"] > 28.0  # measured: 33.1 dB; 13.9 with the paper's settings
+    # measured at 2 threads (as CI runs it), seeds 10-13: 27.2-36.3 dB outside, the lesion
+    # +0.8 to +6.7 dB over the input; the paper's settings (gain-blind G, no mask-aware output)
+    # gave 13.9 dB outside. A tiny run is chaotic (thread count changes the trajectory): the
+    # bars sit below every measured seed, and far above the paper's settings.
+    assert m["psnr_outside"]["mean"] > 25.0
     assert m["psnr_lesion"]["mean"] > m["psnr_lesion_input"]["mean"]
 
 
