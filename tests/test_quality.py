@@ -165,8 +165,8 @@ def test_short_training_leaves_healthy_tissue_close_to_the_truth(tmp_path: Path)
     print({k: round(v["mean"], 3) for k, v in m.items() if v["mean"] is not None})
     # measured at 2 threads (as CI runs it), seeds 10-13: 27.2-36.3 dB outside, the lesion
     # +0.8 to +6.7 dB over the input; the paper's settings (gain-blind G, no mask-aware output)
-    # gave 14.0 dB outside (seed 10). A tiny run is chaotic (thread count changes the trajectory): the
-    # bars sit below every measured seed, and far above the paper's settings.
+    # gave 14.0 dB outside (seed 10). A tiny run is chaotic (the thread count changes its
+    # trajectory): the bars sit below every measured seed, and far above the paper's settings.
     assert m["psnr_outside"]["mean"] > 25.0
     assert m["psnr_lesion"]["mean"] > m["psnr_lesion_input"]["mean"]
 
