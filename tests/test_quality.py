@@ -257,6 +257,7 @@ def test_experiment_paper_is_the_paper_and_nothing_else(experiment: str) -> None
         0.3,
     )
     assert not cfg.options.mask_blend and not cfg.options.cycle_detach_lesion
+    assert cfg.options.mask_gan_input == "soft"
     assert (cfg.options.seg_loss, cfg.options.hh_masks, cfg.options.blend_dilate) == (
         "dice",
         "empty",
@@ -269,6 +270,8 @@ def test_experiment_paper_is_the_paper_and_nothing_else(experiment: str) -> None
     assert not model.G.skip
     if hasattr(model, "mask_blend"):
         assert not model.mask_blend and model.hh_masks == "empty" and not model.blend_in_brain
+    if hasattr(model, "mask_gan_input"):
+        assert model.mask_gan_input == "soft"
 
 
 def test_defaults_are_the_ablation_choice() -> None:
@@ -370,3 +373,24 @@ def test_blend_in_brain_keeps_the_background(tmp_path: Path) -> None:
     model.blend_in_brain = False  # without it the dilated region spills out of the brain
     out, _ = model.factorize(x)
     assert out[background].max() > 0
+
+
+@pytest.mark.parametrize("mode", ["soft", "straight_through"])
+def test_what_d_m_sees_of_s_masks(tmp_path: Path, mode: str) -> None:
+    """options.mask_gan_input: D_m sees S's soft mask (the paper) or, straight-through, its
+    binary version, whose gradient still reaches S."""
+    cfg = tiny_config(tmp_path, None, "model=proposed_unpaired", f"options.mask_gan_input={mode}")
+    model = hydra.utils.instantiate(cfg.model)
+    x, _, m = _pair(shape=(48, 40))
+    batch = {"x_p": x, "m_p": m, "x_h": x.flip(-1), "m_real": m.flip(-2)}
+    seen = []
+    model.D_m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    c = model.fakes(batch)
+    gan2 = model.generator_loss(batch, c)["gan2"]
+    d_in = seen[0]
+    binary = ((d_in == 0) | (d_in == 1)).all()
+    assert bool(binary) == (mode == "straight_through")
+    (grad,) = torch.autograd.grad(gan2, c["m_ph"])
+    assert grad.abs().sum() > 0
+    model.discriminator_loss(batch, {k: v.detach() for k, v in c.items()})
+    assert bool(((seen[-1] == 0) | (seen[-1] == 1)).all()) == (mode == "straight_through")

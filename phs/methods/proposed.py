@@ -37,6 +37,9 @@ Options beyond the paper (all off by default in the paper's configuration):
   blend_in_brain:      with mask_blend, the blend region is cut to the brain (the input's
                        non-zero pixels, closed): the dilated region of a lesion at the edge of
                        the brain no longer makes G paint tissue into the background.
+  mask_gan_input:      (unpaired) what D_m sees of S(x_p): "soft" (the paper) or
+                       "straight_through" (thresholded at 0.5 forward, identity backward): real
+                       masks are binary, so a soft mask is told apart by its softness alone.
   hh_lesion_weight:    with a non-empty H-H mask, L_CC gains this weight times the L1 between
                        G's repainting and x_h averaged over the mask's pixels only (the image
                        mean gives the few lesion pixels little weight: G then learns the
@@ -300,12 +303,26 @@ class ProposedUnpaired(ProposedPaired):
         mask_discriminator: nn.Module,
         *args: Any,
         loss: dict[str, float] | None = None,
+        mask_gan_input: str = "soft",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, loss={"lambda_gan": 2.0, **(loss or {})}, **kwargs)
         if self.hh_masks == "paste":
             raise ValueError("hh_masks=paste needs annotated masks (paired training only)")
+        if mask_gan_input not in ("soft", "straight_through"):
+            raise ValueError(
+                f"mask_gan_input must be 'soft' or 'straight_through', not '{mask_gan_input}'"
+            )
+        self.mask_gan_input = mask_gan_input
         self.D_m = mask_discriminator
+
+    def mask_for_d_m(self, m: torch.Tensor) -> torch.Tensor:
+        """What D_m sees of S's mask: the soft mask (the paper), or with ``straight_through`` the
+        mask thresholded at 0.5 in the forward pass and the identity in the backward pass, so
+        that D_m cannot tell S's masks from the binary real ones by their softness alone."""
+        if self.mask_gan_input == "soft":
+            return m
+        return m + ((m > 0.5).to(m.dtype) - m).detach()
 
     def lesion(self, batch: dict[str, Any], m_ph: torch.Tensor) -> torch.Tensor:
         """No annotation when unpaired: S's own mask."""
@@ -318,7 +335,7 @@ class ProposedUnpaired(ProposedPaired):
         S's masks to look like real masks to D_m."""
         t = self.cycle_terms(batch, c)
         t["gan1"] = self.image_gan(c)
-        t["gan2"] = self.adv.generator(self.D_m(c["m_ph"]))
+        t["gan2"] = self.adv.generator(self.D_m(self.mask_for_d_m(c["m_ph"])))
         t["loss"] = (
             self.lambda_cc * t["cc"] + self.lambda_gan * t["gan1"] + self.lambda_seg * t["gan2"]
         )
@@ -327,7 +344,9 @@ class ProposedUnpaired(ProposedPaired):
     def discriminator_loss(self, batch, c):
         return {
             **super().discriminator_loss(batch, c),
-            "d_m": self.adv.discriminator(self.D_m, batch["m_real"], c["m_ph"], "d_m"),
+            "d_m": self.adv.discriminator(
+                self.D_m, batch["m_real"], self.mask_for_d_m(c["m_ph"]), "d_m"
+            ),
         }
 
     def optimizer_groups(self):
