@@ -74,13 +74,16 @@ class LinearLRDecay(pl.Callback):
         t = step / max(total, 1)
         return max(0.0, min(1.0, (1.0 - t) / (1.0 - self.start)))
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        steps = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        self.total = int(steps)  # once per fit, not per batch
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.start is None:
             return
-        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        f = self.factor(trainer.global_step, int(total))
+        f = self.factor(trainer.global_step, self.total)
         for opt in trainer.optimizers:
             for group in opt.param_groups:
                 group.setdefault("initial_lr", group["lr"])
