@@ -84,6 +84,22 @@ def test_skip_generator_follows_a_global_gain_and_the_plain_one_does_not() -> No
     assert abs(_gain_ratio(skip, x) - 0.6) < 0.08
 
 
+def test_bilinear_upsampling_keeps_the_parameters_and_changes_the_decoder() -> None:
+    """``upsample=bilinear`` keeps the parameter names (a state dict loads either way) and,
+    with the same weights, computes a different decoder; an unknown mode is an error."""
+    torch.manual_seed(0)
+    nearest = ResnetGenerator(features=8, n_res=1, skip=True).eval()
+    bilinear = ResnetGenerator(features=8, n_res=1, skip=True, upsample="bilinear").eval()
+    bilinear.load_state_dict(nearest.state_dict())  # strict: the same names and shapes
+    x = _pair()[0][:1]
+    with torch.no_grad():
+        a, b = nearest(x), bilinear(x)
+    assert a.shape == b.shape == x.shape
+    assert float((a - b).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="upsample"):
+        ResnetGenerator(upsample="bicubic")
+
+
 def test_the_default_inpainting_generator_follows_a_global_gain(tmp_path: Path) -> None:
     """The chosen G (skip, inpainting input): a brain 0.6 as bright comes back 0.6 as bright."""
     from phs.methods.proposed import inpaint_input

@@ -107,7 +107,8 @@ class ResnetGenerator(nn.Module):
     Table 3 lists 2 output channels, but the text defines R's output as the reconstructed image
     x_p^ that L_CC compares with the 1-channel x_p, and in cycle H-H R's output is fed to G and S,
     which take one channel; a second output channel would be unused, so R outputs one.
-    Upsampling is nearest + reflection-padded conv (no transposed conv: no checkerboard).
+    Upsampling is nearest + reflection-padded conv (no transposed conv: no checkerboard);
+    ``upsample="bilinear"`` (beyond the paper) interpolates instead of repeating pixels.
     Input height and width must be divisible by ``2 ** n_down``.
 
     ``skip=True`` (beyond the paper) outputs ``sigmoid(logit(x_0) + f(x))``, ``x_0`` the input
@@ -125,8 +126,11 @@ class ResnetGenerator(nn.Module):
         n_down: int = 2,
         n_res: int = 6,
         skip: bool = False,
+        upsample: str = "nearest",
     ) -> None:
         super().__init__()
+        if upsample not in ("nearest", "bilinear"):
+            raise ValueError(f"upsample must be 'nearest' or 'bilinear', not '{upsample}'")
         self.n_down, self.skip = n_down, skip
         layers: list[nn.Module] = [_conv(in_channels, features, 7)]
         ch = features
@@ -135,9 +139,13 @@ class ResnetGenerator(nn.Module):
             ch *= 2
         layers += [ResidualBlock(ch) for _ in range(n_res)]
         for _ in range(n_down):
-            # nearest upsample + conv, one module (the Identity keeps the parameter names of the
-            # former [Upsample, conv block] pair, so checkpoints load unchanged)
-            layers += [nn.Identity(), UpsampleConv(*_conv(ch, ch // 2, 3))]
+            if upsample == "nearest":
+                # nearest upsample + conv, one module (the Identity keeps the parameter names of
+                # the former [Upsample, conv block] pair, so checkpoints load unchanged)
+                layers += [nn.Identity(), UpsampleConv(*_conv(ch, ch // 2, 3))]
+            else:  # the same parameter names
+                up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+                layers += [up, _conv(ch, ch // 2, 3)]
             ch //= 2
         layers += [ReflectionPad2d(1), nn.Conv2d(ch, out_channels, 3)]
         self.net = nn.Sequential(*layers)
