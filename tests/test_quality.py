@@ -287,7 +287,7 @@ def test_experiment_paper_is_the_paper_and_nothing_else(experiment: str) -> None
     if hasattr(model, "mask_blend"):
         assert not model.mask_blend and model.hh_masks == "empty" and not model.blend_in_brain
     if hasattr(model, "mask_gan_input"):
-        assert model.mask_gan_input == "soft"
+        assert model.mask_gan_input == "soft" and model.lambda_seg == 10.0  # lambda_3 = 10
 
 
 def test_defaults_are_the_ablation_choice() -> None:
@@ -299,6 +299,9 @@ def test_defaults_are_the_ablation_choice() -> None:
     assert model.blend_close == 4 and model.inpaint and model.hh_lesion_weight == 0
     assert model.hh_masks == "real" and model.seg_loss == "dice_bce"
     assert cfg.callbacks.ema._target_ == "phs.callbacks.EMA" and cfg.callbacks.ema.decay == 0.995
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        unpaired = hydra.utils.instantiate(compose("train", ["model=proposed_unpaired"]).model)
+    assert unpaired.lambda_seg == 1.0 and unpaired.lambda_gan == 2.0  # sixth screening
 
 
 def test_hh_lesion_term_is_the_mean_error_inside_the_mask(tmp_path: Path) -> None:
