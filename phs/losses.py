@@ -26,27 +26,61 @@ class Adversarial:
         self._ls = PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
         self.scores: dict[str, torch.Tensor] = {}
 
-    def generator(self, fake_scores: torch.Tensor) -> torch.Tensor:
-        """The generator wants its fakes scored as real."""
+    def generator(
+        self, fake_scores: torch.Tensor, region: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The generator wants its fakes scored as real. ``region`` (an image-size map): only the
+        patches that overlap it count (see :func:`patch_weights`)."""
+        if region is not None:
+            w = patch_weights(region, fake_scores)
+            if self.mode == "lsgan":
+                return 0.5 * weighted_mean((fake_scores.float() - 1) ** 2, w)
+            return -weighted_mean(fake_scores.float(), w)
         if self.mode == "lsgan":
             return 0.5 * self._ls(fake_scores, target_is_real=True, for_discriminator=False)
         return -fake_scores.mean()
 
     def discriminator(
-        self, d: nn.Module, real: torch.Tensor, fake: torch.Tensor, name: str = "d"
+        self,
+        d: nn.Module,
+        real: torch.Tensor,
+        fake: torch.Tensor,
+        name: str = "d",
+        region: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Real scored 1 and fake 0 (lsgan), or the critic's ``E[D(fake)] - E[D(real)] + GP``.
-        The mean scores are kept in ``scores[f"{name}_real"]`` / ``[f"{name}_fake"]`` for logging."""
+        ``region``: the fake's score counts only on the patches that overlap it (the rest of a
+        blended fake is the real input). The mean scores are kept in ``scores[f"{name}_real"]``
+        / ``[f"{name}_fake"]`` for logging."""
         fake = fake.detach()
         s_real, s_fake = d(real), d(fake)
         self.scores[f"{name}_real"] = s_real.detach().mean()
         self.scores[f"{name}_fake"] = s_fake.detach().mean()
+        if region is not None:
+            w = patch_weights(region, s_fake)
+            if self.mode == "lsgan":
+                return 0.5 * (
+                    ((s_real.float() - 1) ** 2).mean() + weighted_mean(s_fake.float() ** 2, w)
+                )
+            gp = self.gp_weight * gradient_penalty(d, real, fake)
+            return weighted_mean(s_fake.float(), w) - s_real.float().mean() + gp
         if self.mode == "lsgan":
             return 0.5 * (
                 self._ls(s_real, target_is_real=True, for_discriminator=True)
                 + self._ls(s_fake, target_is_real=False, for_discriminator=True)
             )
         return s_fake.mean() - s_real.mean() + self.gp_weight * gradient_penalty(d, real, fake)
+
+
+def patch_weights(region: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Which of a patch discriminator's outputs look at ``region`` (N, 1, H, W in [0, 1]): its
+    maximum over each output's share of the image (adaptive max pooling), no gradient."""
+    return F.adaptive_max_pool2d(region.detach().float(), scores.shape[-2:])
+
+
+def weighted_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum(w x) / max(sum(w), 1)``: 0 where nothing is weighted (nothing was repainted)."""
+    return (w * x).sum() / w.sum().clamp_min(1.0)
 
 
 def gradient_penalty(d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

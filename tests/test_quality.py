@@ -328,6 +328,34 @@ def test_hh_lesion_term_is_the_mean_error_inside_the_mask(tmp_path: Path) -> Non
         )
 
 
+@pytest.mark.parametrize("mode", ["lsgan", "wgan_gp"])
+def test_gan_region_scores_only_the_repainted_patches(mode: str) -> None:
+    """options.gan_region: with the region everywhere the adversarial terms are the usual ones;
+    only the patches that overlap the region count, and with no region the fake term is 0."""
+    from phs.losses import Adversarial
+    from phs.nets import PatchDiscriminator
+
+    torch.manual_seed(0)
+    adv, d = Adversarial(mode), PatchDiscriminator(in_channels=1, features=4, n_layers=2)
+    real, fake = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    everywhere, nowhere = torch.ones_like(fake), torch.zeros_like(fake)
+    s = d(fake)
+    torch.testing.assert_close(adv.generator(s, everywhere), adv.generator(s))
+    assert float(adv.generator(s, nowhere)) == 0.0
+    if mode == "lsgan":  # (the critic's gradient penalty is random)
+        torch.testing.assert_close(
+            adv.discriminator(d, real, fake, region=everywhere), adv.discriminator(d, real, fake)
+        )
+        only_real = 0.5 * ((d(real) - 1) ** 2).mean()
+        torch.testing.assert_close(adv.discriminator(d, real, fake, region=nowhere), only_real)
+    corner = nowhere.clone()
+    corner[..., :8, :8] = 1.0  # a lesion in one corner: the far patches do not count
+    s2 = s.detach().clone()
+    s2[..., -1, -1] += 5.0
+    torch.testing.assert_close(adv.generator(s2, corner), adv.generator(s, corner))
+    assert float(adv.generator(s2)) != float(adv.generator(s))
+
+
 def test_inpaint_output_ignores_what_is_inside_the_region(tmp_path: Path) -> None:
     """With inpaint, G repaints the blend region from its surroundings: two images that differ
     only inside it (a bright lesion vs a dark core) get the same pseudo-healthy image."""

@@ -37,6 +37,9 @@ Options beyond the paper (all off by default in the paper's configuration):
   blend_in_brain:      with mask_blend, the blend region is cut to the brain (the input's
                        non-zero pixels, closed): the dilated region of a lesion at the edge of
                        the brain no longer makes G paint tissue into the background.
+  gan_region:          with mask_blend, L_GAN1 and D_x's fake term count only the patches of D_x
+                       that overlap the repainted region (a local discriminator): the rest of a
+                       blended fake is the real input, which D_x would otherwise be told is fake.
   mask_gan_input:      (unpaired) what D_m sees of S(x_p): "soft" (the paper) or
                        "straight_through" (thresholded at 0.5 forward, identity backward): real
                        masks are binary, so a soft mask is told apart by its softness alone.
@@ -121,6 +124,7 @@ class ProposedPaired(PHSMethod):
         hh_lesion_weight: float = 0.0,
         inpaint: bool = False,
         blend_in_brain: bool = False,
+        gan_region: bool = False,
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         if seg_loss not in ("dice", "dice_bce"):
@@ -138,6 +142,9 @@ class ProposedPaired(PHSMethod):
         if blend_in_brain and not mask_blend:
             raise ValueError("blend_in_brain needs mask_blend=true")
         self.blend_in_brain = blend_in_brain
+        if gan_region and not mask_blend:
+            raise ValueError("gan_region needs mask_blend=true (D_x judges the repainted region)")
+        self.gan_region = gan_region
         self.cycle_detach_lesion, self.seg_loss, self.hh_masks = (
             cycle_detach_lesion,
             seg_loss,
@@ -244,7 +251,7 @@ class ProposedPaired(PHSMethod):
 
     def image_gan(self, c: dict[str, torch.Tensor]) -> torch.Tensor:
         """L_GAN1, generator side: G(x_p) (and R(x_h, 0) with empty masks) should look healthy."""
-        gan1 = self.adv.generator(self.D_x(c["x_ph"]))
+        gan1 = self.adv.generator(self.D_x(c["x_ph"]), self.gan_region_of(c))
         if self.hh_masks == "empty":
             gan1 = gan1 + self.adv.generator(self.D_x(c["x_hh"]))
         return gan1
@@ -266,10 +273,15 @@ class ProposedPaired(PHSMethod):
     ) -> dict[str, torch.Tensor]:
         """D_x: real healthy slices against G(x_p) and R(x_h, m_h)."""
         x_h = batch["x_h"]
-        d_x = self.adv.discriminator(self.D_x, x_h, c["x_ph"], "d_x_ph")
+        d_x = self.adv.discriminator(self.D_x, x_h, c["x_ph"], "d_x_ph", self.gan_region_of(c))
         if self.hh_masks == "empty":
             d_x = d_x + self.adv.discriminator(self.D_x, x_h, c["x_hh"], "d_x_hh")
         return {"d_x": d_x}
+
+    def gan_region_of(self, c: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """``gan_region``: the region G repainted in x_ph (S's blend region), where D_x's fake
+        scores count; elsewhere a blended fake is the real input. None: every patch counts."""
+        return self.blend_region(c["m_ph"]).detach() if self.gan_region else None
 
     def generator_steps_now(self) -> bool:
         """lsgan: every batch. wgan_gp: every n_critic-th batch (n_critic_warmup in early epochs)."""
