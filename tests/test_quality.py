@@ -339,7 +339,7 @@ def test_gan_region_scores_only_the_repainted_patches(mode: str) -> None:
     adv, d = Adversarial(mode), PatchDiscriminator(in_channels=1, features=4, n_layers=2)
     real, fake = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
     everywhere, nowhere = torch.ones_like(fake), torch.zeros_like(fake)
-    s = d(fake)
+    s = d(fake).detach()
     torch.testing.assert_close(adv.generator(s, everywhere), adv.generator(s))
     assert float(adv.generator(s, nowhere)) == 0.0
     if mode == "lsgan":  # (the critic's gradient penalty is random)
@@ -350,7 +350,7 @@ def test_gan_region_scores_only_the_repainted_patches(mode: str) -> None:
         torch.testing.assert_close(adv.discriminator(d, real, fake, region=nowhere), only_real)
     corner = nowhere.clone()
     corner[..., :8, :8] = 1.0  # a lesion in one corner: the far patches do not count
-    s2 = s.detach().clone()
+    s2 = s.clone()
     s2[..., -1, -1] += 5.0
     torch.testing.assert_close(adv.generator(s2, corner), adv.generator(s, corner))
     assert float(adv.generator(s2)) != float(adv.generator(s))
