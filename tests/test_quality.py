@@ -356,6 +356,26 @@ def test_gan_region_scores_only_the_repainted_patches(mode: str) -> None:
     assert float(adv.generator(s2)) != float(adv.generator(s))
 
 
+def test_mirror_fill_copies_the_other_hemisphere_where_it_is_healthy_brain() -> None:
+    """options.inpaint_fill=mirror: the region gets the left-right mirrored pixels where those
+    are brain outside the region, the brain's mean elsewhere; outside the region x is kept."""
+    from phs.methods.proposed import inpaint_input
+
+    x = torch.zeros(1, 1, 8, 8)
+    x[..., 1:7, 1:7] = torch.linspace(0.2, 0.8, 36).reshape(6, 6)  # a brain, not symmetric
+    w = torch.zeros_like(x)
+    w[..., 2:4, 1:3] = 1.0  # the region, left side: its mirror (columns 5, 6) is brain
+    w[..., 5, 3:5] = 1.0  # a region on the midline: its mirror is itself, so the mean
+    filled, region = inpaint_input(x, w, "mirror")
+    assert region is w
+    torch.testing.assert_close(filled[..., 2:4, 1:3], x[..., 2:4, 5:7].flip(-1))
+    around = (x > 0) & (w == 0)
+    torch.testing.assert_close(filled[..., 5, 3:5], x[around].mean().expand(1, 1, 2))
+    torch.testing.assert_close(filled[w == 0], x[w == 0])
+    with pytest.raises(ValueError, match="mean.*mirror"):
+        inpaint_input(x, w, "noise")
+
+
 def test_inpaint_output_ignores_what_is_inside_the_region(tmp_path: Path) -> None:
     """With inpaint, G repaints the blend region from its surroundings: two images that differ
     only inside it (a bright lesion vs a dark core) get the same pseudo-healthy image."""

@@ -37,6 +37,9 @@ Options beyond the paper (all off by default in the paper's configuration):
   blend_in_brain:      with mask_blend, the blend region is cut to the brain (the input's
                        non-zero pixels, closed): the dilated region of a lesion at the edge of
                        the brain no longer makes G paint tissue into the background.
+  inpaint_fill:        with inpaint, what fills the region: "mean" (the brain's mean intensity)
+                       or "mirror" (the image flipped left-right, the other hemisphere's tissue,
+                       where that is brain outside the region; the mean elsewhere).
   gan_region:          with mask_blend, L_GAN1 and D_x's fake term count only the patches of D_x
                        that overlap the repainted region (a local discriminator): the rest of a
                        blended fake is the real input, which D_x would otherwise be told is fake.
@@ -76,13 +79,22 @@ def nonzero(x: torch.Tensor) -> torch.Tensor:
     return (x > 1e-3).to(x.dtype)
 
 
-def inpaint_input(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def inpaint_input(
+    x: torch.Tensor, w: torch.Tensor, fill: str = "mean"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """G's input with ``inpaint``: the image with the region ``w`` filled by the mean intensity of
-    the brain outside it (per image), and ``w`` itself."""
+    the brain outside it (per image), and ``w`` itself. ``fill="mirror"``: by the image
+    mirrored left-right (the other hemisphere's tissue) where that is brain outside the region,
+    the mean elsewhere."""
     around = nonzero(x) * (1 - w)  # brain pixels outside the region
     dims = (1, 2, 3)
-    fill = (x * around).sum(dims, keepdim=True) / around.sum(dims, keepdim=True).clamp_min(1)
-    return w * fill + (1 - w) * x, w
+    value = (x * around).sum(dims, keepdim=True) / around.sum(dims, keepdim=True).clamp_min(1)
+    if fill == "mirror":
+        usable = around.flip(-1)  # the mirrored pixel is brain and outside the region
+        value = usable * x.flip(-1) + (1 - usable) * value
+    elif fill != "mean":
+        raise ValueError(f"inpaint fill must be 'mean' or 'mirror', not '{fill}'")
+    return w * value + (1 - w) * x, w
 
 
 def brain_region(x: torch.Tensor, radius: int = 4) -> torch.Tensor:
@@ -125,6 +137,7 @@ class ProposedPaired(PHSMethod):
         inpaint: bool = False,
         blend_in_brain: bool = False,
         gan_region: bool = False,
+        inpaint_fill: str = "mean",
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         if seg_loss not in ("dice", "dice_bce"):
@@ -139,6 +152,9 @@ class ProposedPaired(PHSMethod):
         if inpaint and not mask_blend:
             raise ValueError("inpaint needs mask_blend=true (G repaints the blend region)")
         self.inpaint = inpaint
+        if inpaint_fill not in ("mean", "mirror"):
+            raise ValueError(f"inpaint_fill must be 'mean' or 'mirror', not '{inpaint_fill}'")
+        self.inpaint_fill = inpaint_fill
         if blend_in_brain and not mask_blend:
             raise ValueError("blend_in_brain needs mask_blend=true")
         self.blend_in_brain = blend_in_brain
@@ -184,7 +200,8 @@ class ProposedPaired(PHSMethod):
         w = self.blend_region(m)
         if self.blend_in_brain:
             w = w * brain_region(x)
-        x_ph = self.G(torch.cat(inpaint_input(x, w.detach()), 1) if self.inpaint else x)
+        x_in = inpaint_input(x, w.detach(), self.inpaint_fill) if self.inpaint else None
+        x_ph = self.G(torch.cat(x_in, 1) if x_in is not None else x)
         return w * x_ph + (1 - w) * x, m
 
     def blend_region(self, m: torch.Tensor) -> torch.Tensor:
