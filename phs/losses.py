@@ -24,6 +24,9 @@ class Adversarial:
         self.mode, self.gp_weight = mode, gp_weight
         # raw scores against 0/1 targets, no activation (MONAI adds a LeakyReLU otherwise)
         self._ls = PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
+        self._ls_map = PatchAdversarialLoss(  # per patch, for the region-weighted terms
+            criterion="least_squares", no_activation_leastsq=True, reduction="none"
+        )
         self.scores: dict[str, torch.Tensor] = {}
 
     def generator(
@@ -34,8 +37,9 @@ class Adversarial:
         if region is not None:
             w = patch_weights(region, fake_scores)
             if self.mode == "lsgan":
-                return 0.5 * weighted_mean((fake_scores.float() - 1) ** 2, w)
-            return -weighted_mean(fake_scores.float(), w)
+                (err,) = self._ls_map(fake_scores, target_is_real=True, for_discriminator=False)
+                return 0.5 * weighted_mean(err, w)
+            return -weighted_mean(fake_scores, w)
         if self.mode == "lsgan":
             return 0.5 * self._ls(fake_scores, target_is_real=True, for_discriminator=False)
         return -fake_scores.mean()
@@ -56,20 +60,20 @@ class Adversarial:
         s_real, s_fake = d(real), d(fake)
         self.scores[f"{name}_real"] = s_real.detach().mean()
         self.scores[f"{name}_fake"] = s_fake.detach().mean()
-        if region is not None:
-            w = patch_weights(region, s_fake)
-            if self.mode == "lsgan":
-                return 0.5 * (
-                    ((s_real.float() - 1) ** 2).mean() + weighted_mean(s_fake.float() ** 2, w)
-                )
-            gp = self.gp_weight * gradient_penalty(d, real, fake)
-            return weighted_mean(s_fake.float(), w) - s_real.float().mean() + gp
+        if region is None:
+            fake_term = None
+        elif self.mode == "lsgan":
+            (err,) = self._ls_map(s_fake, target_is_real=False, for_discriminator=True)
+            fake_term = weighted_mean(err, patch_weights(region, s_fake))
+        else:
+            fake_term = weighted_mean(s_fake, patch_weights(region, s_fake))
         if self.mode == "lsgan":
-            return 0.5 * (
-                self._ls(s_real, target_is_real=True, for_discriminator=True)
-                + self._ls(s_fake, target_is_real=False, for_discriminator=True)
-            )
-        return s_fake.mean() - s_real.mean() + self.gp_weight * gradient_penalty(d, real, fake)
+            if fake_term is None:
+                fake_term = self._ls(s_fake, target_is_real=False, for_discriminator=True)
+            real_term = self._ls(s_real, target_is_real=True, for_discriminator=True)
+            return 0.5 * (real_term + fake_term)
+        fake_term = s_fake.mean() if fake_term is None else fake_term
+        return fake_term - s_real.mean() + self.gp_weight * gradient_penalty(d, real, fake)
 
 
 def patch_weights(region: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -79,8 +83,8 @@ def patch_weights(region: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``sum(w x) / max(sum(w), 1)``: 0 where nothing is weighted (nothing was repainted)."""
-    return (w * x).sum() / w.sum().clamp_min(1.0)
+    """``sum(w x) / max(sum(w), 1)`` in fp32: 0 where nothing is weighted (nothing repainted)."""
+    return (w * x.float()).sum() / w.sum().clamp_min(1.0)
 
 
 def gradient_penalty(d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

@@ -194,15 +194,21 @@ class ProposedPaired(PHSMethod):
         """The pseudo-healthy image G(x) and the pathology mask S(x) (``mask_blend``: G's output
         only where S sees pathology, the input elsewhere; ``inpaint``: G sees that region
         filled)."""
+        x_ph, m, _ = self.factorize_with_region(x)
+        return x_ph, m
+
+    def factorize_with_region(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`factorize` plus the region G repainted (None without ``mask_blend``)."""
         m = self.S(x)
         if not self.mask_blend:
-            return self.G(x), m
+            return self.G(x), m, None
         w = self.blend_region(m)
         if self.blend_in_brain:
             w = w * brain_region(x)
-        x_in = inpaint_input(x, w.detach(), self.inpaint_fill) if self.inpaint else None
-        x_ph = self.G(torch.cat(x_in, 1) if x_in is not None else x)
-        return w * x_ph + (1 - w) * x, m
+        g_in = torch.cat(inpaint_input(x, w.detach(), self.inpaint_fill), 1) if self.inpaint else x
+        return w * self.G(g_in) + (1 - w) * x, m, w
 
     def blend_region(self, m: torch.Tensor) -> torch.Tensor:
         """Where G's output replaces the input: S's mask, closed (``blend_close``: fills holes such
@@ -218,7 +224,7 @@ class ProposedPaired(PHSMethod):
         # x_p's own mask with its lesion pasted (hh_masks=paste)
         m_h = {"real": batch.get("m_real"), "paste": batch.get("m_p")}.get(self.hh_masks)
         m_h = torch.zeros_like(x_h) if m_h is None else m_h
-        x_ph, m_ph = self.factorize(x_p)  # cycle P-H
+        x_ph, m_ph, w_ph = self.factorize_with_region(x_p)  # cycle P-H
         x_ph_cycle = x_ph
         if self.cycle_detach_lesion:
             lesion = self.lesion(batch, m_ph).to(x_ph.dtype)
@@ -239,6 +245,7 @@ class ProposedPaired(PHSMethod):
             "m_h": m_h,
             "x_hh_rec": x_hh_rec,
             "m_hh_rec": m_hh_rec,
+            **({} if w_ph is None else {"w_ph": w_ph}),  # the repainted region (gan_region)
         }
 
     def lesion(self, batch: dict[str, Any], m_ph: torch.Tensor) -> torch.Tensor:
@@ -296,9 +303,9 @@ class ProposedPaired(PHSMethod):
         return {"d_x": d_x}
 
     def gan_region_of(self, c: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """``gan_region``: the region G repainted in x_ph (S's blend region), where D_x's fake
-        scores count; elsewhere a blended fake is the real input. None: every patch counts."""
-        return self.blend_region(c["m_ph"]).detach() if self.gan_region else None
+        """``gan_region``: the region G repainted in x_ph, where D_x's fake scores count;
+        elsewhere a blended fake is the real input. None: every patch counts."""
+        return c["w_ph"] if self.gan_region else None
 
     def generator_steps_now(self) -> bool:
         """lsgan: every batch. wgan_gp: every n_critic-th batch (n_critic_warmup in early epochs)."""
