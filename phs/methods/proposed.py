@@ -39,7 +39,8 @@ Options beyond the paper (all off by default in the paper's configuration):
                        the brain no longer makes G paint tissue into the background.
   inpaint_fill:        with inpaint, what fills the region: "mean" (the brain's mean intensity)
                        or "mirror" (the image flipped left-right, the other hemisphere's tissue,
-                       where that is brain outside the region; the mean elsewhere).
+                       where that is brain outside the region; the mean elsewhere), or "texture"
+                       (the local brightness plus only the fine detail of the mirrored tissue).
   gan_region:          with mask_blend, L_GAN1 and D_x's fake term count only the patches of D_x
                        that overlap the repainted region (a local discriminator): the rest of a
                        blended fake is the real input, which D_x would otherwise be told is fake.
@@ -54,10 +55,12 @@ Options beyond the paper (all off by default in the paper's configuration):
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import GaussianFilter
 from torch import nn
 
 from phs.losses import Adversarial, bce, dice_loss, l1
@@ -79,21 +82,74 @@ def nonzero(x: torch.Tensor) -> torch.Tensor:
     return (x > 1e-3).to(x.dtype)
 
 
+FILLS = ("mean", "mirror", "texture")
+
+
+@functools.lru_cache(maxsize=8)
+def _gaussian(sigma: float) -> GaussianFilter:
+    return GaussianFilter(2, sigma)
+
+
+def smooth(
+    x: torch.Tensor, weight: torch.Tensor, sigma: float, fallback: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Gaussian smoothing (``sigma`` pixels) of ``x`` over the pixels where ``weight`` is 1
+    (normalised convolution). With ``fallback``, pixels with hardly any weighted pixel near
+    them (far inside a large hole) tend to ``fallback`` instead."""
+    g = _gaussian(float(sigma)).to(x.device)
+    num, den = g(x * weight), g(weight)
+    if fallback is None:
+        return num / den.clamp_min(1e-6)
+    eps = 0.05
+    return (num + eps * fallback) / (den + eps)
+
+
+def aligned_mirror(
+    x: torch.Tensor, usable: torch.Tensor, max_shift: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image flipped left-right and shifted (per image, by up to ``max_shift`` pixels) so
+    that it best matches ``x`` (L1 over pixels usable in both): a mirror about the brain's own
+    midline, not the image's centre. Returns it and its ``usable`` map."""
+    xf, uf = x.flip(-1), usable.flip(-1)
+    best_err = best_x = best_u = None
+    for k in range(-max_shift, max_shift + 1):
+        xs, us = torch.roll(xf, k, -1), torch.roll(uf, k, -1)
+        both = usable * us
+        err = ((x - xs).abs() * both).sum((1, 2, 3)) / both.sum((1, 2, 3)).clamp_min(1)
+        if best_err is None:
+            best_err, best_x, best_u = err, xs, us
+            continue
+        better = (err < best_err).view(-1, 1, 1, 1)
+        best_err = torch.minimum(err, best_err)
+        best_x, best_u = torch.where(better, xs, best_x), torch.where(better, us, best_u)
+    return best_x, best_u
+
+
 def inpaint_input(
     x: torch.Tensor, w: torch.Tensor, fill: str = "mean"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """G's input with ``inpaint``: the image with the region ``w`` filled by the mean intensity of
-    the brain outside it (per image), and ``w`` itself. ``fill="mirror"``: by the image
-    mirrored left-right (the other hemisphere's tissue) where that is brain outside the region,
-    the mean elsewhere."""
+    """G's input with ``inpaint``: the image with the region ``w`` filled, and ``w`` itself.
+
+    ``fill="mean"``: the mean intensity of the brain outside the region (per image).
+    ``"mirror"``: the image mirrored left-right (the other hemisphere's tissue) where that is
+    brain outside the region, the mean elsewhere. ``"texture"``: the local brightness (the brain
+    around the region, smoothed over 8 pixels) plus only the fine detail (high-pass, 1 pixel,
+    clipped to 15 % of the mean) of the other hemisphere, mirrored about the brain's midline:
+    gyri and sulci to start from, but no large structure such as a ventricle's edge."""
+    if fill not in FILLS:
+        raise ValueError(f"inpaint fill must be one of {', '.join(FILLS)}, not '{fill}'")
     around = nonzero(x) * (1 - w)  # brain pixels outside the region
     dims = (1, 2, 3)
     value = (x * around).sum(dims, keepdim=True) / around.sum(dims, keepdim=True).clamp_min(1)
     if fill == "mirror":
         usable = around.flip(-1)  # the mirrored pixel is brain and outside the region
         value = usable * x.flip(-1) + (1 - usable) * value
-    elif fill != "mean":
-        raise ValueError(f"inpaint fill must be 'mean' or 'mirror', not '{fill}'")
+    elif fill == "texture":
+        local = smooth(x, around, 8.0, fallback=value)  # the mean far inside a large region
+        mirror, usable = aligned_mirror(x, around)
+        detail = (mirror - smooth(mirror, usable, 1.0)) * usable
+        limit = 0.15 * value
+        value = local + torch.maximum(torch.minimum(detail, limit), -limit)
     return w * value + (1 - w) * x, w
 
 
@@ -152,8 +208,10 @@ class ProposedPaired(PHSMethod):
         if inpaint and not mask_blend:
             raise ValueError("inpaint needs mask_blend=true (G repaints the blend region)")
         self.inpaint = inpaint
-        if inpaint_fill not in ("mean", "mirror"):
-            raise ValueError(f"inpaint_fill must be 'mean' or 'mirror', not '{inpaint_fill}'")
+        if inpaint_fill not in FILLS:
+            raise ValueError(
+                f"inpaint_fill must be one of {', '.join(FILLS)}, not '{inpaint_fill}'"
+            )
         self.inpaint_fill = inpaint_fill
         if blend_in_brain and not mask_blend:
             raise ValueError("blend_in_brain needs mask_blend=true")
