@@ -377,6 +377,51 @@ def test_mirror_fill_copies_the_other_hemisphere_where_it_is_healthy_brain() -> 
         inpaint_input(x, w, "noise")
 
 
+def test_aligned_mirror_finds_the_brains_own_midline() -> None:
+    """A brain symmetric about a column off the image's centre: the plain flip misses it, the
+    aligned mirror equals the image wherever both are usable."""
+    from phs.methods.proposed import aligned_mirror
+
+    torch.manual_seed(0)
+    half = torch.rand(1, 1, 12, 6) + 0.2
+    x = torch.zeros(1, 1, 12, 20)
+    x[..., 3:9] = half
+    x[..., 9:15] = half.flip(-1)  # symmetric about the line between columns 8 and 9 (centre: 9.5)
+    usable = (x > 0).float()
+    assert (x.flip(-1) - x).abs().max() > 0.1
+    mirror, mirror_usable = aligned_mirror(x, usable)
+    both = (usable * mirror_usable).bool()
+    assert both.sum() == usable.sum()
+    torch.testing.assert_close(mirror[both], x[both])
+
+
+def test_texture_fill_keeps_fine_detail_but_not_large_structures() -> None:
+    """options.inpaint_fill=texture: inside the region, the local brightness plus the mirrored
+    fine detail (bounded by 15 % of the brain's mean); a large dark structure in the other
+    hemisphere (a ventricle) is not copied; outside the region x is kept."""
+    from phs.methods.proposed import inpaint_input
+
+    h, wd = 40, 40
+    cols = torch.arange(wd).float()
+    stripes = 0.6 + 0.1 * torch.where(cols % 2 == 0, 1.0, -1.0)  # fine texture, sulci-like
+    x = torch.zeros(1, 1, h, wd)
+    x[..., 4:36, 4:36] = stripes[4:36]
+    x[..., 16:24, 26:32] = 0.1  # a dark 'ventricle' on the right
+    w = torch.zeros_like(x)
+    w[..., 14:26, 7:15] = 1.0  # the region on the left, the ventricle's mirror image
+    filled, _ = inpaint_input(x, w, "texture")
+    inside = filled[w.bool()]
+    assert inside.min() > 0.4  # no dark ventricle copied in (the mean fill is ~0.58)
+    assert inside.std() > 0.03  # not flat: the stripes' detail is there
+    around = (x > 0) & (w == 0)
+    assert (inside - x[around].mean()).abs().max() <= 0.15 * x[around].mean() + 0.05
+    torch.testing.assert_close(filled[w == 0], x[w == 0])
+    flat, _ = inpaint_input(x, w, "mean")
+    assert flat[w.bool()].std() < 1e-6
+    with pytest.raises(ValueError, match="texture"):
+        inpaint_input(x, w, "noise")
+
+
 def test_inpaint_output_ignores_what_is_inside_the_region(tmp_path: Path) -> None:
     """With inpaint, G repaints the blend region from its surroundings: two images that differ
     only inside it (a bright lesion vs a dark core) get the same pseudo-healthy image."""
