@@ -297,7 +297,7 @@ def test_defaults_are_the_ablation_choice() -> None:
     assert cfg.data.preprocess.normalize == "median" and model.G.skip and model.R.skip
     assert model.mask_blend and model.blend_dilate == 2 and model.cycle_detach_lesion
     assert model.blend_close == 4 and model.inpaint and model.hh_lesion_weight == 0
-    assert model.inpaint_fill == "mean"  # sixth screening: mirror not chosen
+    assert model.inpaint_fill == "texture"  # seventh screening (mirror not chosen in the sixth)
     assert model.hh_masks == "real" and model.seg_loss == "dice_bce"
     assert cfg.callbacks.ema._target_ == "phs.callbacks.EMA" and cfg.callbacks.ema.decay == 0.995
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
