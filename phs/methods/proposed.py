@@ -28,8 +28,8 @@ Options beyond the paper (all off by default in the paper's configuration):
                        (R's output is detached there). "paste" (paired only): instead of R's
                        rendering, the real lesion of x_p is pasted into the healthy slice,
                        m_p * x_p + (1 - m_p) * x_h, and G and S must undo it.
-  inpaint:             with mask_blend, G sees the image with the blend region filled by the
-                       slice's mean brain intensity, and the region as a second channel
+  inpaint:             with mask_blend, G sees the image with the blend region filled (see
+                       inpaint_fill), and the region as a second channel
                        (G(x_fill, w)): it repaints the lesion from the healthy tissue around it
                        and cannot copy the lesion's own structure (dark necrotic cores, rims).
                        In cycle H-H this is self-supervised inpainting of real healthy tissue.
