@@ -97,7 +97,7 @@ def smooth(
     (normalised convolution). With ``fallback``, pixels with hardly any weighted pixel near
     them (far inside a large hole) tend to ``fallback`` instead."""
     g = _gaussian(float(sigma)).to(x.device)
-    num, den = g(x * weight), g(weight)
+    num, den = g(torch.cat([x * weight, weight], 1)).chunk(2, 1)  # one call, two channels
     if fallback is None:
         return num / den.clamp_min(1e-6)
     eps = 0.05
