@@ -149,7 +149,7 @@ def inpaint_input(
         mirror, usable = aligned_mirror(x, around)
         detail = (mirror - smooth(mirror, usable, 1.0)) * usable
         limit = 0.15 * value
-        value = local + torch.maximum(torch.minimum(detail, limit), -limit)
+        value = local + detail.clamp(-limit, limit)
     return w * value + (1 - w) * x, w
 
 
