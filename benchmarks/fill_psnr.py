@@ -1,15 +1,21 @@
 """How close each ``options.inpaint_fill`` is to the true healthy image, before any training,
 and what each costs per call (a batch of 4 demo slices, 104 x 80, 2 threads).
 
-The blend region is the true lesion, closed (4 px) and dilated (2 px) as the default blend does
-with S's mask; PSNR is inside the true lesion on the validation split. Usage:
+The blend region is the true lesion, closed and dilated as the default blend does with S's mask
+(``options.blend_close`` / ``options.blend_dilate`` pixels); PSNR is inside the true lesion on
+the validation split. ``--sizes`` also tries the texture fill's sizes (in pixels: the local
+brightness's Gaussian, the mirrored detail's high-pass, the midline search), for example at
+the paper's 1 mm against the 2 mm they were chosen at. Usage:
 
     python benchmarks/fill_psnr.py data=synthetic_brats
     python benchmarks/fill_psnr.py data=synthetic_isles
+    python benchmarks/fill_psnr.py --sizes data=synthetic_brats 'data.preprocess.spacing=[1.0,1.0,1.0]' \
+        'data.preprocess.slice_size=[208,160]' data.preprocess.n_slices=60
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -22,9 +28,11 @@ from hydra import compose, initialize_config_dir
 from phs.methods.proposed import FILLS, closing, dilate, inpaint_input, nonzero
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+# the texture fill's sizes tried by --sizes: brightness sigma, detail sigma, midline search (px)
+SIZES = list(itertools.product((2.0, 4.0, 8.0, 16.0), (1.0, 2.0), (4, 8)))
 
 
-def main(overrides: list[str]) -> dict[str, float]:
+def main(overrides: list[str], sizes: bool = False) -> dict[str, float]:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
             "train",
@@ -38,17 +46,37 @@ def main(overrides: list[str]) -> dict[str, float]:
     dm = hydra.utils.instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
-    err = dict.fromkeys(FILLS, 0.0)
+    close, grow = int(cfg.options.blend_close), int(cfg.options.blend_dilate)
+    spacing = float(cfg.data.preprocess.spacing[1])
+    print(
+        f"{spacing:g} mm pixels; the region: the true lesion closed {close} px, dilated {grow} px"
+    )
+    fills = {fill: {"fill": fill} for fill in FILLS}
+    if sizes:
+        for b, d, s in SIZES:
+            fills[f"texture b{b:g} d{d:g} s{s}"] = {
+                "fill": "texture",
+                "brightness_px": b,
+                "detail_px": d,
+                "midline_px": s,
+            }
+    err = dict.fromkeys(fills, 0.0)
     n = 0.0
     for batch in dm.val_dataloader():
         x, m, truth = batch["x_p"], (batch["m_p"] > 0.5).float(), batch["x_gt"]
-        w = dilate(closing(m, 4), 2) * nonzero(truth)
-        for fill in FILLS:
-            filled, _ = inpaint_input(x, w, fill)
-            err[fill] += float(((filled - truth) ** 2 * m).sum())
+        w = dilate(closing(m, close), grow) * nonzero(truth)
+        for name, kwargs in fills.items():
+            filled, _ = inpaint_input(x, w, **kwargs)
+            err[name] += float(((filled - truth) ** 2 * m).sum())
         n += float(m.sum())
-    psnr = {fill: 10 * math.log10(1 / (e / n)) for fill, e in err.items()}
-    print(" | ".join(f"{fill} {v:.1f} dB" for fill, v in psnr.items()))
+    psnr = {name: 10 * math.log10(1 / (e / n)) for name, e in err.items()}
+    print(" | ".join(f"{fill} {psnr[fill]:.1f} dB" for fill in FILLS))
+    if sizes:
+        print(
+            "texture fill sizes (px): brightness b, detail d, midline search s -> PSNR in the lesion"
+        )
+        for name in list(fills)[len(FILLS) :]:
+            print(f"  {name:<24} {psnr[name]:.2f} dB")
     return psnr
 
 
@@ -71,5 +99,6 @@ def time_fills(n: int = 50) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    main([a for a in args if a != "--sizes"], sizes="--sizes" in args)
     time_fills()

@@ -41,6 +41,10 @@ Options beyond the paper (all off by default in the paper's configuration):
                        or "mirror" (the image flipped left-right, the other hemisphere's tissue,
                        where that is brain outside the region; the mean elsewhere), or "texture"
                        (the local brightness plus only the fine detail of the mirrored tissue).
+  inpaint_in_brain:    with inpaint, the fill goes only into the region's brain pixels (the
+                       input's non-zero pixels, closed): where a region at the brain's edge
+                       reaches into the background, G sees the background and the brain's
+                       outline instead of tissue (the region it repaints is unchanged).
   gan_region:          with mask_blend, L_GAN1 and D_x's fake term count only the patches of D_x
                        that overlap the repainted region (a local discriminator): the rest of a
                        blended fake is the real input, which D_x would otherwise be told is fake.
@@ -126,7 +130,14 @@ def aligned_mirror(
 
 
 def inpaint_input(
-    x: torch.Tensor, w: torch.Tensor, fill: str = "mean"
+    x: torch.Tensor,
+    w: torch.Tensor,
+    fill: str = "mean",
+    *,
+    brightness_px: float = 8.0,
+    detail_px: float = 1.0,
+    midline_px: int = 4,
+    brain: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """G's input with ``inpaint``: the image with the region ``w`` filled, and ``w`` itself.
 
@@ -135,7 +146,14 @@ def inpaint_input(
     brain outside the region, the mean elsewhere. ``"texture"``: the local brightness (the brain
     around the region, smoothed over 8 pixels) plus only the fine detail (high-pass, 1 pixel,
     clipped to 15 % of the mean) of the other hemisphere, mirrored about the brain's midline:
-    gyri and sulci to start from, but no large structure such as a ventricle's edge."""
+    gyri and sulci to start from, but no large structure such as a ventricle's edge.
+
+    The texture fill's sizes are in pixels (``brightness_px``, ``detail_px``, and ``midline_px``,
+    how far off-centre the midline is looked for): chosen at 2 mm, they do as well at 1 mm
+    (``benchmarks/fill_psnr.py --sizes``; docs/ablation.md) as the same sizes in mm.
+
+    ``brain`` (a mask): the fill goes only into the region's brain pixels; where the region
+    reaches past the brain, G sees the background as it is (the brain's outline)."""
     if fill not in FILLS:
         raise ValueError(f"inpaint fill must be one of {', '.join(FILLS)}, not '{fill}'")
     around = nonzero(x) * (1 - w)  # brain pixels outside the region
@@ -145,12 +163,13 @@ def inpaint_input(
         usable = around.flip(-1)  # the mirrored pixel is brain and outside the region
         value = usable * x.flip(-1) + (1 - usable) * value
     elif fill == "texture":
-        local = smooth(x, around, 8.0, fallback=value)  # the mean far inside a large region
-        mirror, usable = aligned_mirror(x, around)
-        detail = (mirror - smooth(mirror, usable, 1.0)) * usable
+        local = smooth(x, around, brightness_px, fallback=value)  # mean far inside a large region
+        mirror, usable = aligned_mirror(x, around, midline_px)
+        detail = (mirror - smooth(mirror, usable, detail_px)) * usable
         limit = 0.15 * value
         value = local + detail.clamp(-limit, limit)
-    return w * value + (1 - w) * x, w
+    filled = w if brain is None else w * brain
+    return filled * value + (1 - filled) * x, w
 
 
 def brain_region(x: torch.Tensor, radius: int = 4) -> torch.Tensor:
@@ -194,6 +213,7 @@ class ProposedPaired(PHSMethod):
         blend_in_brain: bool = False,
         gan_region: bool = False,
         inpaint_fill: str = "mean",
+        inpaint_in_brain: bool = False,
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         if seg_loss not in ("dice", "dice_bce"):
@@ -213,6 +233,9 @@ class ProposedPaired(PHSMethod):
                 f"inpaint_fill must be one of {', '.join(FILLS)}, not '{inpaint_fill}'"
             )
         self.inpaint_fill = inpaint_fill
+        if inpaint_in_brain and not inpaint:
+            raise ValueError("inpaint_in_brain needs inpaint=true")
+        self.inpaint_in_brain = inpaint_in_brain
         if blend_in_brain and not mask_blend:
             raise ValueError("blend_in_brain needs mask_blend=true")
         self.blend_in_brain = blend_in_brain
@@ -265,7 +288,10 @@ class ProposedPaired(PHSMethod):
         w = self.blend_region(m)
         if self.blend_in_brain:
             w = w * brain_region(x)
-        g_in = torch.cat(inpaint_input(x, w.detach(), self.inpaint_fill), 1) if self.inpaint else x
+        g_in = x
+        if self.inpaint:
+            brain = brain_region(x) if self.inpaint_in_brain else None
+            g_in = torch.cat(inpaint_input(x, w.detach(), self.inpaint_fill, brain=brain), 1)
         return w * self.G(g_in) + (1 - w) * x, m, w
 
     def blend_region(self, m: torch.Tensor) -> torch.Tensor:
