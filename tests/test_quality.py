@@ -286,6 +286,7 @@ def test_experiment_paper_is_the_paper_and_nothing_else(experiment: str) -> None
     assert not model.G.skip
     if hasattr(model, "mask_blend"):
         assert not model.mask_blend and model.hh_masks == "empty" and not model.blend_in_brain
+        assert not model.inpaint_in_brain
     if hasattr(model, "mask_gan_input"):
         assert model.mask_gan_input == "soft" and model.lambda_seg == 10.0  # lambda_3 = 10
 
@@ -389,7 +390,8 @@ def test_aligned_mirror_finds_the_brains_own_midline() -> None:
     x[..., 9:15] = half.flip(-1)  # symmetric about the line between columns 8 and 9 (centre: 9.5)
     usable = (x > 0).float()
     assert (x.flip(-1) - x).abs().max() > 0.1
-    mirror, mirror_usable = aligned_mirror(x, usable)
+    mirror, mirror_usable, shift = aligned_mirror(x, usable)
+    assert shift.tolist() == [-2]  # the flip rolled back 2 columns: the midline 1 column left
     both = (usable * mirror_usable).bool()
     assert both.sum() == usable.sum()
     torch.testing.assert_close(mirror[both], x[both])
@@ -486,6 +488,52 @@ def test_blend_in_brain_keeps_the_background(tmp_path: Path) -> None:
     model.blend_in_brain = False  # without it the dilated region spills out of the brain
     out, _ = model.factorize(x)
     assert out[background].max() > 0
+
+
+@pytest.mark.parametrize("fill", ["mean", "texture"])
+def test_inpaint_in_brain_shows_g_the_brains_outline(tmp_path: Path, fill: str) -> None:
+    """options.inpaint_in_brain: where the region reaches past the brain's edge, G's input keeps
+    the background (zero) and fills only the brain part, dark core included; the region channel
+    is the whole region, and G's output is still used over all of it."""
+    cfg = tiny_config(
+        tmp_path,
+        None,
+        "options.inpaint=true",
+        "options.inpaint_in_brain=true",
+        f"options.inpaint_fill={fill}",
+        "options.blend_close=0",
+        "options.blend_dilate=0",
+    )
+    model = hydra.utils.instantiate(cfg.model)
+    x = torch.zeros(1, 1, 32, 32)
+    x[..., 4:28, 4:20] = 0.5  # the brain: columns 4-19
+    x[..., 12:14, 16:18] = 0.0  # a black core inside the brain, at its lesion
+    mask = torch.zeros_like(x)
+    mask[..., 10:16, 14:24] = 1.0  # a lesion region at the brain's right edge, past it
+    seen = []
+    g = torch.full_like(x, 0.9)
+
+    class _Recording(torch.nn.Module):
+        def forward(self, inp: torch.Tensor) -> torch.Tensor:
+            seen.append(inp)
+            return g
+
+    model.S, model.G = _Constant(mask), _Recording()
+    out, _ = model.factorize(x)
+    image, region = seen[-1].unbind(1)
+    torch.testing.assert_close(region, mask[:, 0])
+    assert image[..., 10:16, 20:24].abs().max() == 0  # the background part: left as background
+    assert image[..., 12:14, 16:18].min() > 0.3  # the core inside the brain: filled
+    torch.testing.assert_close(out[..., 10:16, 14:24], g[..., 10:16, 14:24])  # G's, all of it
+    model.inpaint_in_brain = False  # without it the fill spills tissue into the background
+    model.factorize(x)
+    assert seen[-1][:, 0, 10:16, 20:24].min() > 0.3
+    with pytest.raises(InstantiationException, match="inpaint_in_brain needs inpaint"):
+        hydra.utils.instantiate(
+            tiny_config(
+                tmp_path, None, "options.inpaint=false", "options.inpaint_in_brain=true"
+            ).model
+        )
 
 
 @pytest.mark.parametrize("mode", ["soft", "straight_through"])

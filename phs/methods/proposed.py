@@ -110,23 +110,28 @@ def smooth(
 
 def aligned_mirror(
     x: torch.Tensor, usable: torch.Tensor, max_shift: int = 4
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The image flipped left-right and shifted (per image, by up to ``max_shift`` pixels) so
     that it best matches ``x`` (L1 over pixels usable in both): a mirror about the brain's own
-    midline, not the image's centre. Returns it and its ``usable`` map."""
+    midline, not the image's centre. Returns it, its ``usable`` map and the shift per image
+    (pixels the flipped image was rolled along the last axis: the midline lies shift / 2 pixels
+    from the image's centre)."""
     xf, uf = x.flip(-1), usable.flip(-1)
-    best_err = best_x = best_u = None
+    best_err = best_x = best_u = best_k = None
     for k in range(-max_shift, max_shift + 1):
         xs, us = torch.roll(xf, k, -1), torch.roll(uf, k, -1)
         both = usable * us
         err = ((x - xs).abs() * both).sum((1, 2, 3)) / both.sum((1, 2, 3)).clamp_min(1)
         if best_err is None:
             best_err, best_x, best_u = err, xs, us
+            best_k = torch.full_like(err, k, dtype=torch.long)
             continue
-        better = (err < best_err).view(-1, 1, 1, 1)
+        better = err < best_err
+        best_k = torch.where(better, k, best_k)
+        better = better.view(-1, 1, 1, 1)
         best_err = torch.minimum(err, best_err)
         best_x, best_u = torch.where(better, xs, best_x), torch.where(better, us, best_u)
-    return best_x, best_u
+    return best_x, best_u, best_k
 
 
 def inpaint_input(
@@ -164,7 +169,7 @@ def inpaint_input(
         value = usable * x.flip(-1) + (1 - usable) * value
     elif fill == "texture":
         local = smooth(x, around, brightness_px, fallback=value)  # mean far inside a large region
-        mirror, usable = aligned_mirror(x, around, midline_px)
+        mirror, usable, _ = aligned_mirror(x, around, midline_px)
         detail = (mirror - smooth(mirror, usable, detail_px)) * usable
         limit = 0.15 * value
         value = local + detail.clamp(-limit, limit)
