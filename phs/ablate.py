@@ -37,6 +37,7 @@ COLUMNS = (  # (metrics.json key, column title, format)
     ("psnr_lesion_input", "(input)", "{:.1f}"),
     ("psnr_outside", "PSNR outside", "{:.1f}"),
     ("mae_outside", "MAE outside", "{:.3f}"),
+    ("texture_lesion", "texture", "{:.2f}"),
     ("anomaly_residual_auprc", "residual AUPRC", "{:.2f}"),
     ("anomaly_mask_auprc", "S AUPRC", "{:.2f}"),
 )
@@ -99,8 +100,9 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             f"# Ablation: `{' '.join(base + common)}`, {cfg.split} split\n\n{table}\n\n"
             "PSNR in dB against the true healthy image (brain pixels), inside the true lesion "
             "and outside it; (input): the untouched input inside the lesion. Residual AUPRC: "
-            "pixel-level anomaly detection from |x - G(x)|; S AUPRC: from S(x). Minutes: "
-            "training only.\n"
+            "pixel-level anomaly detection from |x - G(x)|; S AUPRC: from S(x). Texture: the "
+            "fine detail inside the lesion against the truth's (1: as textured, 0: flat). "
+            "Minutes: training only.\n"
         )
         write_text(out / "ablation.md", text)
         results = {"base": base + common, "split": cfg.split, "variants": variants, "results": rows}

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
+from torch.nn.functional import avg_pool2d
 from torchmetrics.classification import BinaryPrecisionRecallCurve
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as _ms_ssim
 
@@ -101,6 +102,27 @@ def masked_mae(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch.
 
 
 @fp32
+def texture_ratio(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """How textured ``x`` is against ``y`` over ``region``, per slice: the RMS of each image's
+    fine detail (the image minus its 3 x 3 mean) there, ``x``'s over ``y``'s. 1: as much fine
+    detail as the truth; 0: a flat patch; above 1: grainier. NaN where ``region`` is empty.
+    PSNR alone rewards a flat patch (the mean is the best guess of unknown texture); this
+    shows what it hides."""
+
+    def detail(img: torch.Tensor) -> torch.Tensor:
+        return img - avg_pool2d(img, 3, stride=1, padding=1, count_include_pad=False)
+
+    region = region.float()
+    n = region.flatten(1).sum(1)
+
+    def rms(img: torch.Tensor) -> torch.Tensor:
+        return ((detail(img) ** 2 * region).flatten(1).sum(1) / n.clamp_min(1)).sqrt()
+
+    ratio = rms(x) / rms(y).clamp_min(1e-6)
+    return torch.where(n > 0, ratio, torch.full_like(ratio, math.nan))
+
+
+@fp32
 def dice(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Hard Dice per slice (1 when both are empty)."""
     p, t = (pred > threshold).flatten(1).float(), (target > 0.5).flatten(1).float()
@@ -122,6 +144,7 @@ def ground_truth_metrics(
         "psnr_outside": masked_psnr(x_ph, x_gt, outside),
         "mae_lesion": masked_mae(x_ph, x_gt, lesion),
         "mae_outside": masked_mae(x_ph, x_gt, outside),
+        "texture_lesion": texture_ratio(x_ph, x_gt, lesion),
     }
     if x_p is not None:
         out["psnr_lesion_input"] = masked_psnr(x_p, x_gt, lesion)

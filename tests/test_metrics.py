@@ -17,6 +17,7 @@ from phs.metrics import (
     masked_psnr,
     ms_ssim,
     ms_ssim_scales,
+    texture_ratio,
     wilcoxon_signed_rank,
 )
 
@@ -123,3 +124,18 @@ def test_dice_and_psnr() -> None:
     x, y = torch.zeros(1, 1, 4, 4), torch.full((1, 1, 4, 4), 0.1)
     assert masked_psnr(x, y, torch.ones_like(x)).item() == pytest.approx(20.0)
     assert torch.isnan(masked_psnr(x, y, torch.zeros_like(x))).all()
+
+
+def test_texture_ratio_tells_a_flat_patch_from_tissue() -> None:
+    """1 for the truth itself, near 0 for a flat patch (which PSNR prefers), about 2 for twice
+    the truth's fine detail; NaN without a region."""
+    truth = 0.4 + 0.05 * torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    region = torch.zeros_like(truth)
+    region[..., 8:24, 8:24] = 1.0
+    flat = torch.where(region.bool(), truth[region.bool()].mean(), truth)
+    grainy = 0.4 + 2 * (truth - 0.4)
+    torch.testing.assert_close(texture_ratio(truth, truth, region), torch.ones(2))
+    assert (texture_ratio(flat, truth, region) < 0.15).all()
+    assert masked_psnr(flat, truth, region).mean() > masked_psnr(grainy, truth, region).mean()
+    torch.testing.assert_close(texture_ratio(grainy, truth, region), torch.full((2,), 2.0))
+    assert torch.isnan(texture_ratio(truth, truth, torch.zeros_like(truth))).all()
