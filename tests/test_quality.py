@@ -297,7 +297,7 @@ def test_defaults_are_the_ablation_choice() -> None:
     model = hydra.utils.instantiate(cfg.model)
     assert cfg.data.preprocess.normalize == "median" and model.G.skip and model.R.skip
     assert model.mask_blend and model.blend_dilate == 2 and model.cycle_detach_lesion
-    assert model.blend_close == 4 and model.inpaint and model.hh_lesion_weight == 0
+    assert model.blend_close == 4 and model.inpaint and model.hh_lesion_weight == 3  # ninth
     assert model.inpaint_fill == "texture"  # seventh screening (mirror not chosen in the sixth)
     assert model.hh_masks == "real" and model.seg_loss == "dice_bce"
     assert cfg.callbacks.ema._target_ == "phs.callbacks.EMA" and cfg.callbacks.ema.decay == 0.995
@@ -322,12 +322,13 @@ def test_hh_lesion_term_is_the_mean_error_inside_the_mask(tmp_path: Path) -> Non
     torch.testing.assert_close(t["cc_hh_lesion"], torch.tensor(0.2))
     plain = t["cc_ph"] + t["cc_hh_image"] + t["cc_hh_mask"]
     torch.testing.assert_close(t["cc"], plain + 3 * t["cc_hh_lesion"])
-    with pytest.raises(InstantiationException, match="hh_lesion_weight"):
-        hydra.utils.instantiate(
-            tiny_config(
-                tmp_path, None, "options.hh_masks=empty", "options.hh_lesion_weight=1"
-            ).model
-        )
+    # the paper's empty H-H masks: no lesion, so the term is 0 whatever its weight (the default
+    # weight does not stop a user from switching to empty masks)
+    empty = tiny_config(tmp_path, None, "options.hh_masks=empty", "options.hh_lesion_weight=3")
+    model = hydra.utils.instantiate(empty.model)
+    t = model.cycle_terms(batch, {**c, "m_h": torch.zeros_like(m)})
+    assert float(t["cc_hh_lesion"]) == 0.0
+    torch.testing.assert_close(t["cc"], t["cc_ph"] + t["cc_hh_image"] + t["cc_hh_mask"])
 
 
 @pytest.mark.parametrize("mode", ["lsgan", "wgan_gp"])

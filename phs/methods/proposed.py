@@ -227,8 +227,6 @@ class ProposedPaired(PHSMethod):
             raise ValueError(f"hh_masks must be 'empty', 'real' or 'paste', not '{hh_masks}'")
         self.mask_blend, self.blend_dilate = mask_blend, int(blend_dilate)
         self.blend_close = int(blend_close)
-        if hh_lesion_weight and hh_masks == "empty":
-            raise ValueError("hh_lesion_weight needs lesions in cycle H-H (hh_masks=real|paste)")
         self.hh_lesion_weight = float(hh_lesion_weight)
         if inpaint and not mask_blend:
             raise ValueError("inpaint needs mask_blend=true (G repaints the blend region)")
