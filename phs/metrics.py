@@ -109,17 +109,14 @@ def texture_ratio(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> tor
     PSNR alone rewards a flat patch (the mean is the best guess of unknown texture); this
     shows what it hides."""
 
-    def detail(img: torch.Tensor) -> torch.Tensor:
-        return img - avg_pool2d(img, 3, stride=1, padding=1, count_include_pad=False)
-
     region = region.float()
-    n = region.flatten(1).sum(1)
 
-    def rms(img: torch.Tensor) -> torch.Tensor:
-        return ((detail(img) ** 2 * region).flatten(1).sum(1) / n.clamp_min(1)).sqrt()
+    def energy(img: torch.Tensor) -> torch.Tensor:  # the pixel count cancels in the ratio
+        detail = img - avg_pool2d(img, 3, stride=1, padding=1, count_include_pad=False)
+        return (detail**2 * region).flatten(1).sum(1)
 
-    ratio = rms(x) / rms(y).clamp_min(1e-6)
-    return torch.where(n > 0, ratio, torch.full_like(ratio, math.nan))
+    ratio = (energy(x) / energy(y).clamp_min(1e-12)).sqrt()
+    return torch.where(region.flatten(1).sum(1) > 0, ratio, torch.full_like(ratio, math.nan))
 
 
 @fp32

@@ -463,6 +463,14 @@ def test_f_pre_dice_bce_adds_the_cross_entropy(tmp_path: Path) -> None:
     assert bce(f["m"], both) > 0
 
 
+def _brain_with_a_core() -> torch.Tensor:
+    """A 32 x 32 slice whose brain is columns 4-19, with a black core at its right edge."""
+    x = torch.zeros(1, 1, 32, 32)
+    x[..., 4:28, 4:20] = 0.5
+    x[..., 12:14, 16:18] = 0.0  # the core, inside the brain, at the lesion
+    return x
+
+
 def test_blend_in_brain_keeps_the_background(tmp_path: Path) -> None:
     """options.blend_in_brain: a lesion at the brain's edge is repainted inside the brain only;
     the background stays the input's zero, and a dark core inside the brain is still repainted."""
@@ -474,9 +482,7 @@ def test_blend_in_brain_keeps_the_background(tmp_path: Path) -> None:
         "options.blend_close=0",
     )
     model = hydra.utils.instantiate(cfg.model)
-    x = torch.zeros(1, 1, 32, 32)
-    x[..., 4:28, 4:20] = 0.5  # the brain: columns 4-19
-    x[..., 12:14, 16:18] = 0.0  # a black core inside the brain, at its lesion
+    x = _brain_with_a_core()
     mask = torch.zeros_like(x)
     mask[..., 10:16, 14:20] = 1.0  # a lesion at the brain's right edge
     g = torch.full_like(x, 0.9)
@@ -506,9 +512,7 @@ def test_inpaint_in_brain_shows_g_the_brains_outline(tmp_path: Path, fill: str) 
         "options.blend_dilate=0",
     )
     model = hydra.utils.instantiate(cfg.model)
-    x = torch.zeros(1, 1, 32, 32)
-    x[..., 4:28, 4:20] = 0.5  # the brain: columns 4-19
-    x[..., 12:14, 16:18] = 0.0  # a black core inside the brain, at its lesion
+    x = _brain_with_a_core()
     mask = torch.zeros_like(x)
     mask[..., 10:16, 14:24] = 1.0  # a lesion region at the brain's right edge, past it
     seen = []
