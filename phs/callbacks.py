@@ -164,7 +164,7 @@ class TestTable(pl.Callback):
             j = max(idx, key=lambda k: float(ds[k]["m_p"].sum()))
             item = default_collate([ds[j]])
             with torch.no_grad():
-                out = pl_module.synthesize(item["x_p"].to(pl_module.device))
+                out = pl_module.infer(item["x_p"].to(pl_module.device))
             panels = [item["x_p"][0, 0], item["m_p"][0, 0]]
             if "pseudo_healthy" in out:
                 panels.insert(1, out["pseudo_healthy"][0, 0].float().cpu())

@@ -132,7 +132,7 @@ def figure4(out: Path, methods: list[str], ckpts: dict[str, Path], datamodule: A
     for m in methods:
         model, _ = load_method(ckpts[m])
         with torch.no_grad():
-            visuals[m] = model.synthesize(x_p)["pseudo_healthy"].float()
+            visuals[m] = model.infer(x_p)["pseudo_healthy"].float()
     if store.healthy is not None:
         visuals["x_gt"] = store.healthy[picks]
     visuals["m_p"] = store.label[picks]

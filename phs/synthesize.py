@@ -66,7 +66,7 @@ def run_slices(
     outs: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(slices), batch_size):
         batch = slices[start : start + batch_size].to(device).float()
-        for k, v in model.synthesize(batch).items():
+        for k, v in model.infer(batch).items():
             outs.setdefault(k, []).append(v.float().cpu())
     return {k: torch.cat(v)[:, 0].permute(1, 2, 0)[None] for k, v in outs.items()}
 
@@ -92,15 +92,14 @@ def synthesize_case(
     x, norm, transform, fit = network_input(pre, case)
     ref = nib.load(case["image"])  # the header the outputs are written with
     outs = run_slices(model, norm, cfg.batch_size, device)
-    # the networks only ever saw brain slices on a zero background: keep their output to the brain
-    brain = (norm.as_tensor() > 0).float()
-    if cfg.slices == "trained":  # outside the middle n_slices of the brain the model never trained
-        trained = torch.zeros_like(brain)
-        trained[..., middle_slices(brain.shape[-1], pre.n_slices)] = 1
-        brain = brain * trained
-    outs = {k: v * brain for k, v in outs.items()}
-    if "pseudo_healthy" in outs:  # untouched input where the model was not applied
-        outs["pseudo_healthy"] = outs["pseudo_healthy"] + norm.as_tensor() * (1 - brain)
+    # model.infer keeps the background (0 outside the brain); outside the middle n_slices of the
+    # brain the model never trained: there (slices=trained) the input is kept, untouched
+    if cfg.slices == "trained":
+        trained = torch.zeros_like(norm.as_tensor())
+        trained[..., middle_slices(trained.shape[-1], pre.n_slices)] = 1
+        outs = {k: v * trained for k, v in outs.items()}
+        if "pseudo_healthy" in outs:
+            outs["pseudo_healthy"] = outs["pseudo_healthy"] + norm.as_tensor() * (1 - trained)
     results = {}
     if "pseudo_healthy" in outs:
         results["pseudo_healthy"] = outs["pseudo_healthy"]

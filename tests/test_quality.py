@@ -129,6 +129,24 @@ def test_mask_blend_keeps_the_input_where_s_sees_no_pathology(tmp_path: Path) ->
         )
 
 
+@pytest.mark.parametrize("model_name", ["proposed_paired", "cyclegan"])
+def test_infer_keeps_the_background(tmp_path: Path, model_name: str) -> None:
+    """What is scored, shown and written is 0 outside the brain even where G paints there (a
+    region past the brain's edge); inside the brain it is ``synthesize`` unchanged."""
+    cfg = tiny_config(tmp_path, None, f"model={model_name}")
+    model = hydra.utils.instantiate(cfg.model).eval()
+    x = _pair(shape=(48, 40))[0]
+    background = x == 0
+    assert background.any() and (~background).any()
+    if model_name == "proposed_paired":
+        model.S.head.bias.data.fill_(30.0)  # S: pathology everywhere, background included
+    raw, out = model.synthesize(x), model.infer(x)
+    assert raw["pseudo_healthy"][background].abs().max() > 1e-3  # the raw output paints it
+    for name, value in out.items():
+        assert value[background].abs().max() == 0, name
+        torch.testing.assert_close(value[~background], raw[name][~background], msg=name)
+
+
 @pytest.mark.parametrize("detach", [False, True])
 def test_cycle_gradient_into_g_inside_the_lesion(tmp_path: Path, detach: bool) -> None:
     """With cycle_detach_lesion, L_CC sends no gradient into G(x_p) inside the true lesion."""

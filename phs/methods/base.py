@@ -37,7 +37,8 @@ class PHSMethod(pl.LightningModule):
     - ``discriminator_loss(batch, fakes)``: one loss per discriminator optimizer, in order
       (``fakes`` arrive detached);
     - ``synthesize(x_p)``: inference, a dict with any of ``pseudo_healthy``, ``mask`` (pathology
-      probability) and ``reconstruction``; evaluation, image grids and inference use only that.
+      probability) and ``reconstruction``; evaluation, image grids and inference use only that,
+      through :meth:`infer` (the background kept as background).
 
     The optimisation schedule (generator update, then each discriminator) lives here, once.
     """
@@ -229,9 +230,18 @@ class PHSMethod(pl.LightningModule):
 
     # -- evaluation (phs/evaluation.py) -----------------------------------------------------------
     @torch.no_grad()
+    def infer(self, x_p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`synthesize` as the product delivers it: the data are skull-stripped (0 outside
+        the brain), so every output is 0 wherever ``x_p`` is, as ``phs.synthesize`` writes it. A
+        method that paints the background (a region reaching past the brain's edge) is not
+        scored or shown for pixels no user receives."""
+        brain = (x_p > 0).to(x_p.dtype)
+        return {k: v * brain.to(v.dtype) for k, v in self.synthesize(x_p).items()}
+
+    @torch.no_grad()
     def visuals(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The declared visuals for a batch (for image grids and loggers)."""
-        out = self.synthesize(batch["x_p"])
+        out = self.infer(batch["x_p"])
         if "pseudo_healthy" in out:
             out["residual"] = (batch["x_p"] - out["pseudo_healthy"]).abs()
         everything = {**batch, **out}
@@ -249,7 +259,7 @@ class PHSMethod(pl.LightningModule):
             net.to(self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        out = self.synthesize(batch["x_p"])
+        out = self.infer(batch["x_p"])
         for name, values in self.evaluator.slice_metrics(batch, out).items():
             values = values[~torch.isnan(values)]
             if len(values):
@@ -265,7 +275,7 @@ class PHSMethod(pl.LightningModule):
         self.evaluator.reset()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        out = self.synthesize(batch["x_p"])
+        out = self.infer(batch["x_p"])
         self.evaluator.add_rows(batch, self.evaluator.slice_metrics(batch, out, test=True))
 
     def on_test_epoch_end(self) -> None:
