@@ -266,6 +266,23 @@ def test_blend_close_fills_a_core_s_leaves_out(tmp_path: Path) -> None:
     torch.testing.assert_close(out[~region], x[~region])
 
 
+@pytest.mark.parametrize("r", [1, 2, 4])
+def test_dilate_is_the_square_max_filter(r: int) -> None:
+    """The separable dilation takes, at every pixel, the max over the (2r+1)^2 square around it
+    (clipped at the image's edge), on a soft mask with lesions touching the edges."""
+    from phs.methods.proposed import dilate
+
+    w = torch.rand(2, 1, 23, 17) * (torch.rand(2, 1, 23, 17) > 0.9)
+    w[0, 0, 0, 0], w[1, 0, -1, 5] = 1.0, 0.7
+    out = dilate(w, r)
+    want = torch.empty_like(w)
+    for i in range(w.shape[-2]):
+        for j in range(w.shape[-1]):
+            patch = w[..., max(i - r, 0) : i + r + 1, max(j - r, 0) : j + r + 1]
+            want[..., i, j] = patch.amax((-2, -1))
+    assert torch.equal(out, want)
+
+
 class _Constant(torch.nn.Module):
     def __init__(self, value: torch.Tensor) -> None:
         super().__init__()

@@ -72,8 +72,11 @@ from phs.methods.base import OptimizerFactory, PHSMethod, loss_weights
 
 
 def dilate(w: torch.Tensor, r: int) -> torch.Tensor:
-    """Grey-level dilation of a (soft) mask by ``r`` pixels (max over a square)."""
-    return F.max_pool2d(w, 2 * r + 1, stride=1, padding=r)
+    """Grey-level dilation of a (soft) mask by ``r`` pixels (max over a square), as a column max
+    then a row max: the same values as one square max filter, at half its cost for r = 4."""
+    k = 2 * r + 1
+    w = F.max_pool2d(w, (k, 1), stride=1, padding=(r, 0))
+    return F.max_pool2d(w, (1, k), stride=1, padding=(0, r))
 
 
 def closing(w: torch.Tensor, r: int) -> torch.Tensor:
