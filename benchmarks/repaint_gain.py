@@ -1,8 +1,10 @@
 """Does G improve on its own input? Inside the true lesion, PSNR against the true healthy image
 of a trained proposed model's pseudo-healthy image, of the filled image G starts from
 (``options.inpaint``: the same region, the run's ``inpaint_fill``), and of the untouched input;
-mean over slices, as the evaluation reports PSNR; and each one's ``texture_lesion`` (the fine
-detail inside the lesion against the truth's: 1 as textured, 0 flat). Usage:
+mean over slices, as the evaluation reports PSNR; each one's ``texture_lesion`` (the fine
+detail inside the lesion against the truth's: 1 as textured, 0 flat); and its brightness there
+(mean inside the lesion over the truth's, minus 1: a darker or brighter patch; mean over slices
+and the darkest slice). Usage:
 
     python benchmarks/repaint_gain.py outputs/<run>                 # the validation split
     python benchmarks/repaint_gain.py outputs/<run> --split test
@@ -27,6 +29,13 @@ from phs.methods.proposed import inpaint_input
 from phs.metrics import healthiness, masked_psnr, texture_ratio
 
 
+def brightness(image: torch.Tensor, truth: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Per slice ``[B]``: the mean of ``image`` over ``region`` against the truth's, minus 1
+    (NaN where the region is empty)."""
+    dims = (1, 2, 3)
+    return (image.float() * region).sum(dims) / (truth.float() * region).sum(dims) - 1
+
+
 def repaint_gain(
     run: Path, split: str = "validation", fill: str | None = None, f_pre: Path | None = None
 ) -> dict[str, float]:
@@ -46,6 +55,7 @@ def repaint_gain(
     seg = load_method(f_pre)[0].S if f_pre else None
     psnr: dict[str, list[float]] = {"G": [], "fill": [], "input": []}
     texture: dict[str, list[float]] = {"G": [], "fill": [], "input": []}
+    bright: dict[str, list[float]] = {"G": [], "fill": [], "input": []}
     found: dict[str, list[torch.Tensor]] = {"G": [], "fill": [], "input": [], "true": []}
     with torch.no_grad():
         for batch in loader:
@@ -55,6 +65,7 @@ def repaint_gain(
             for name, image in (("G", x_ph), ("fill", filled), ("input", x)):
                 psnr[name] += masked_psnr(image, truth, lesion).tolist()
                 texture[name] += texture_ratio(image, truth, lesion).tolist()
+                bright[name] += brightness(image, truth, lesion).tolist()
                 if seg is not None:
                     found[name].append(seg(image))
             found["true"].append(lesion.float())
@@ -63,6 +74,15 @@ def repaint_gain(
     better = sum(psnr["G"][i] > psnr["fill"][i] for i in keep) / len(keep)
     for name, v in texture.items():
         out[f"texture_{name}"] = sum(v[i] for i in keep) / len(keep)
+    for name, v in bright.items():
+        out[f"brightness_{name}"] = sum(v[i] for i in keep) / len(keep)
+        out[f"darkest_{name}"] = min(v[i] for i in keep)
+    print(
+        "brightness in the lesion against the truth's (mean over slices, darkest slice): "
+        + ", ".join(
+            f"{n} {out[f'brightness_{n}']:+.1%} ({out[f'darkest_{n}']:+.1%})" for n in ("G", "fill")
+        )
+    )
     print(
         "texture (fine detail in the lesion / the truth's): "
         + ", ".join(f"{n} {out[f'texture_{n}']:.2f}" for n in texture)
