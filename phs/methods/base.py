@@ -235,7 +235,7 @@ class PHSMethod(pl.LightningModule):
         the brain), so every output is 0 wherever ``x_p`` is, as ``phs.synthesize`` writes it. A
         method that paints the background (a region reaching past the brain's edge) is not
         scored or shown for pixels no user receives."""
-        brain = (x_p > 0).to(x_p.dtype)
+        brain = x_p > 0
         return {k: v * brain.to(v.dtype) for k, v in self.synthesize(x_p).items()}
 
     @torch.no_grad()
