@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from phs.metrics import AnomalyDetection
+from phs.data.preprocess import background_level
+from phs.metrics import AnomalyDetection, dice
 from phs.synthesize import run as synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,13 +42,11 @@ def cases(root: Path) -> list[tuple[str, Path, Path]]:
 def score(image: Path, label: Path, out: Path) -> dict[str, float]:
     """Dice and the two AUPRCs of one case's written outputs."""
     img = np.asarray(nib.load(image).dataobj, dtype=np.float32)
-    truth = np.asarray(nib.load(label).dataobj) > 0
-    brain = torch.from_numpy(img != img.flat[0])  # skull-stripped: the corner is background
-    target = torch.from_numpy(truth.astype(np.float32))
-    row = {}
-    mask = np.asarray(nib.load(out / "pathology_mask.nii.gz").dataobj) > 0
-    row["dice"] = 2 * float((mask & truth).sum()) / max(int(mask.sum() + truth.sum()), 1)
-    row["predicted / true voxels"] = float(mask.sum()) / max(float(truth.sum()), 1.0)
+    brain = torch.from_numpy(img != background_level(img))  # skull-stripped volumes
+    target = torch.from_numpy(np.asarray(nib.load(label).dataobj) > 0).float()
+    mask = torch.from_numpy(np.asarray(nib.load(out / "pathology_mask.nii.gz").dataobj)).float()
+    row = {"dice": float(dice(mask[None], target[None])[0])}  # the whole volume as one item
+    row["predicted / true voxels"] = float(mask.sum()) / max(float(target.sum()), 1.0)
     for name, file in (("S AUPRC", "pathology_prob"), ("residual AUPRC", "residual")):
         metric = AnomalyDetection()
         s = torch.from_numpy(np.asarray(nib.load(out / f"{file}.nii.gz").dataobj, np.float32))
