@@ -11,7 +11,13 @@ import torch
 from conftest import TINY_PRE
 
 from phs.data import PHSDataModule, SplitConfig, split_cases
-from phs.data.datamodule import SliceAugment, TrainSlices, collate_train, nonzero_boxes
+from phs.data.datamodule import (
+    IntensityAugment,
+    SliceAugment,
+    TrainSlices,
+    collate_train,
+    nonzero_boxes,
+)
 from phs.errors import DataError
 
 
@@ -212,6 +218,73 @@ def test_augment_draws_follow_the_configured_distribution() -> None:
         assert not flip.any() and not rotate.any() and not SliceAugment(cfg).enabled
 
 
+def test_intensity_field_is_the_legendre_series() -> None:
+    """The bias field's log is numpy's 2D Legendre series (MONAI RandBiasField's form) on
+    ``linspace(-1, 1)`` rows and columns, with no constant term."""
+    aug = IntensityAugment({"bias": 0.3})
+    coef = torch.tensor(np.random.default_rng(0).uniform(-0.3, 0.3, (3, 9)), dtype=torch.float32)
+    got = aug.log_field(coef, 13, 9)
+    for b in range(3):
+        c = np.zeros((4, 4))
+        for (i, j), v in zip(aug.TERMS, coef[b].double().numpy(), strict=True):
+            c[i, j] = v
+        ref = np.polynomial.legendre.leggrid2d(np.linspace(-1, 1, 13), np.linspace(-1, 1, 9), c)
+        np.testing.assert_allclose(got[b].numpy(), ref, atol=1e-5)
+    assert len(aug.TERMS) == 9 and (0, 0) not in aug.TERMS
+
+
+def test_intensity_augment_keeps_background_range_and_median_level() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 1, 20, 16, generator=g)
+    x[:, :, :4] = 0  # background
+    x[:, :, 10, 8] = 0.4  # the median's level
+    aug = IntensityAugment({"bias": 0.5, "gamma": 0.5})
+    u = torch.rand(8, 10, generator=g)
+    y = aug.apply(x, u)
+    assert torch.equal(y[:, :, :4], x[:, :, :4])  # zeros stay zero
+    assert y.min() >= 0 and y.max() <= 1 and not torch.allclose(y, x, atol=0.01)
+    assert ((y > 0) == (x > 0)).all()
+    # middle draws: no field, gamma 1: the identity
+    torch.testing.assert_close(aug.apply(x, torch.full((8, 10), 0.5)), x)
+    # contrast alone (flat field): the median's level stays, order is kept, contrast changes
+    flat = torch.cat([torch.full((8, 9), 0.5), u[:, 9:]], 1)
+    yc = aug.apply(x, flat)
+    torch.testing.assert_close(yc[:, :, 10, 8], x[:, :, 10, 8])
+    i = x[0].flatten().argsort()
+    assert (yc[0].flatten()[i].diff() >= 0).all()
+    # field alone: a smooth positive multiplier of the brain
+    yb = aug.apply(x, torch.cat([u[:, :9], torch.full((8, 1), 0.5)], 1))
+    ratio = (yb / x.clamp(min=1e-6))[:, :, 4:][x[:, :, 4:] < 0.6]
+    assert ratio.min() > np.exp(-0.5 * 9) and ratio.std() > 0.01
+    assert not IntensityAugment({}).enabled and IntensityAugment({"gamma": 0.1}).enabled
+    with pytest.raises(ValueError, match="intensity"):
+        IntensityAugment({"bias": -1})
+
+
+def test_intensity_augment_draws_after_the_geometry(
+    brats_root: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """With intensity changes the items keep their slices, masks and geometry (the extra
+    uniforms come after the old ones), and only the two images change; a bad setting fails when
+    the data module is made."""
+    dm = _dm(brats_root, cache_dir, tmp_path)
+    dm.setup("fit")
+    plain = TrainSlices(dm.stores["training"], dm.augment, seed=3)
+    aug = TrainSlices(dm.stores["training"], {**dm.augment, "intensity": {"bias": 0.3}}, seed=3)
+    changed = 0
+    for i in range(6):
+        a, b = plain[(i, 1)], aug[(i, 1)]
+        assert torch.equal(a["m_p"], b["m_p"]) and torch.equal(a["m_real"], b["m_real"])
+        for k in ("x_p", "x_h"):
+            assert torch.equal(a[k] > 0, b[k] > 0)
+            changed += int(not torch.equal(a[k], b[k]))
+    assert changed == 12
+    off = {**dm.augment, "enabled": False, "intensity": {"bias": 0.3}}
+    assert not TrainSlices(dm.stores["training"], off).intensity.enabled
+    with pytest.raises(ValueError, match="intensity"):
+        _dm(brats_root, cache_dir, tmp_path, augment={"intensity": {"gamma": -0.1}})
+
+
 def test_batch_is_a_function_of_its_items(
     brats_root: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -277,12 +350,14 @@ def test_worker_batches_pass_through_reused_ring_slots(
     assert all(f.acquire(block=False) for f in ds.ring.free)  # every slot released
 
 
+@pytest.mark.parametrize("intensity", [None, {"bias": 0.3, "gamma": 0.3}])
 def test_augment_on_device_builds_the_same_batches(
-    brats_root: Path, cache_dir: Path, tmp_path: Path
+    brats_root: Path, cache_dir: Path, tmp_path: Path, intensity: dict | None
 ) -> None:
     """data.augment_on_device: the loader passes recipes (a few numbers per item) and the batch
     is made where the model is (on_after_batch_transfer): on the CPU, bitwise the loader's."""
-    aug = {"rotate_deg": 20, "rotate_prob": 0.7}
+    aug = {"rotate_deg": 20, "rotate_prob": 0.7, "intensity": intensity}
+    width = 21 if intensity is None else 41
     dm = _dm(brats_root, cache_dir, tmp_path, batch_size=4, seed=5, augment=aug)
     dm.setup("fit")
     dd = _dm(
@@ -291,7 +366,7 @@ def test_augment_on_device_builds_the_same_batches(
     dd.setup("fit")
     n = 0
     for a, r in zip(dm.train_dataloader(), dd.train_dataloader(), strict=True):
-        assert set(r) == {"recipe"} and r["recipe"].shape == (4, 21)
+        assert set(r) == {"recipe"} and r["recipe"].shape == (4, width)
         b = dd.on_after_batch_transfer(r, 0)
         assert set(b) == set(a)
         for k in a:

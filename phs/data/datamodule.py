@@ -225,6 +225,59 @@ class SliceAugment:
         return out
 
 
+class IntensityAugment:
+    """Scanner-like intensity changes (``data.augment.intensity``; off by default): a smooth
+    multiplicative bias field and a contrast change about the brain median.
+
+    Per image, ``x -> clip(f * p (x / p)^g, 0, 1)``: ``log f`` is MONAI ``RandBiasField``'s field,
+    a 2D Legendre series of degree 3 on ``[-1, 1]^2``, here without its constant term (the
+    volume's normalisation fixes the overall level) and with each of its 9 coefficients uniform
+    in ``[-bias, bias]``; ``log g`` is uniform in ``[-gamma, gamma]`` and ``p`` is the level the
+    median normalisation gives the brain (0.4), which the contrast change keeps. Zeros (outside
+    the brain) stay zero. Batched tensor ops on any device, from 10 uniforms per image.
+    """
+
+    N_UNIFORMS = 10
+    TERMS = [(i, j) for i in range(4) for j in range(4) if 1 <= i + j <= 3]  # (row, column) degree
+
+    def __init__(self, cfg: Mapping[str, Any] | None = None) -> None:
+        cfg = dict(cfg or {})
+        self.bias, self.gamma = float(cfg.get("bias", 0.0)), float(cfg.get("gamma", 0.0))
+        self.pivot = float(cfg.get("pivot", 0.4))
+        if self.bias < 0 or self.gamma < 0 or self.pivot <= 0:
+            raise ValueError(f"data.augment.intensity: bias, gamma >= 0 and pivot > 0, got {cfg}")
+        self.enabled = self.bias > 0 or self.gamma > 0
+        self._basis: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def basis(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Legendre polynomials P0..P3 on ``linspace(-1, 1)`` of the rows [4,H] and columns [4,W]."""
+        if (h, w, device) not in self._basis:
+            polys = []
+            for n in (h, w):
+                t = torch.linspace(-1, 1, n, dtype=torch.float64)
+                p = torch.stack([t**0, t, (3 * t**2 - 1) / 2, (5 * t**3 - 3 * t) / 2])
+                polys.append(p.to(device, torch.float32))
+            self._basis[(h, w, device)] = (polys[0], polys[1])
+        return self._basis[(h, w, device)]
+
+    def log_field(self, coef: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """``log f`` [B,H,W] of the coefficients [B,9] (in :attr:`TERMS` order)."""
+        py, px = self.basis(h, w, coef.device)
+        c = coef.new_zeros(len(coef), 4, 4)
+        rows, cols = zip(*self.TERMS, strict=True)
+        c[:, list(rows), list(cols)] = coef
+        return torch.einsum("bij,ih,jw->bhw", c, py, px)
+
+    def apply(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``x`` [B,1,H,W] changed by the draws of the uniforms ``u`` [B,10] in [0, 1)."""
+        u = u.to(x.device, torch.float32)
+        coef = (2 * u[:, :9] - 1) * self.bias
+        g = torch.exp((2 * u[:, 9] - 1) * self.gamma)[:, None, None, None]
+        f = torch.exp(self.log_field(coef, *x.shape[-2:]))[:, None]
+        y = self.pivot * (x.clamp(min=0) / self.pivot) ** g * f
+        return torch.where(x > 0, y.clamp(0, 1), x)
+
+
 def _empty(shape: Sequence[int]) -> torch.Tensor:
     """A float32 tensor; in a loader worker, in shared memory (the batch goes to the main
     process without a copy, as ``default_collate`` does)."""
@@ -354,7 +407,8 @@ class TrainSlices(Dataset):
     one batch buffer (in shared memory in a worker); ``ds[key]`` is the same item alone.
 
     ``on_device=True``: the loader only draws; its batch is ``{"recipe": float64 array [B,21]}``
-    (store rows of x_p, x_h, m_real, then each part's :meth:`SliceAugment.draw`), and
+    (store rows of x_p, x_h, m_real, then each part's :meth:`SliceAugment.draw`; then the
+    intensity uniforms of x_p and x_h, with :class:`IntensityAugment`), and
     :meth:`build` makes the batch from it on the training device, from a copy of the store there
     (``PHSDataModule.on_after_batch_transfer``): the same values, a few kilobytes per batch for
     the loader to pass on.
@@ -384,6 +438,9 @@ class TrainSlices(Dataset):
         self._start, self._end = self.vol_start.tolist(), self.vol_end.tolist()
         self._p, self._h = self.p_idx.tolist(), self.h_idx.tolist()
         self.aug = SliceAugment(augment)
+        on = bool((augment or {}).get("enabled", True))
+        self.intensity = IntensityAugment((augment or {}).get("intensity") if on else None)
+        self.recipe_width = 21 + 2 * IntensityAugment.N_UNIFORMS * self.intensity.enabled
         # where each slice is non-zero: a rotation samples only what can come out non-zero
         boxes = self.aug.enabled and not on_device
         self._image_box = nonzero_boxes(store.image) if boxes else None
@@ -404,12 +461,14 @@ class TrainSlices(Dataset):
         return r if r < start else r + (end - start)
 
     def draw(self, i: int, epoch: int = 0) -> tuple[int, int, int, list[float]]:
-        """Store rows of ``x_p``, ``x_h``, ``m_real`` and 9 uniforms for the augmentation
-        (flip, rotate, angle of the pair, of ``x_h``, of ``m_real``), from ``(seed, epoch, i)``."""
+        """Store rows of ``x_p``, ``x_h``, ``m_real`` and the uniforms for the augmentation, from
+        ``(seed, epoch, i)``: 9 (flip, rotate, angle of the pair, of ``x_h``, of ``m_real``), then
+        with :class:`IntensityAugment` 10 for ``x_p`` and 10 for ``x_h``."""
         rng = np.random.default_rng([self.seed, epoch, i])
         h = self._h[int(rng.integers(len(self._h)))]
         m = self._p[self._other_volume_mask(i, rng)]
-        return self._p[i], h, m, rng.random(9).tolist()
+        n = 9 + 2 * IntensityAugment.N_UNIFORMS * self.intensity.enabled
+        return self._p[i], h, m, rng.random(n).tolist()
 
     def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> _Batch:
         s, b = self.store, len(keys)
@@ -418,11 +477,17 @@ class TrainSlices(Dataset):
         if self.on_device:
             recipe = np.array(
                 [
-                    [p, h, m, *(v for j in range(3) for v in self.aug.draw(u[3 * j :], *hw))]
+                    [
+                        p,
+                        h,
+                        m,
+                        *(v for j in range(3) for v in self.aug.draw(u[3 * j :], *hw)),
+                        *u[9:],
+                    ]
                     for p, h, m, u in draws
                 ],
                 np.float64,
-            ).reshape(b, 21)
+            ).reshape(b, self.recipe_width)
             items = _Batch({RECIPE: r} for r in recipe)
             items.batch = {RECIPE: recipe}
             return items
@@ -441,6 +506,10 @@ class TrainSlices(Dataset):
                 self.aug.put([x_p, m_p], u[0:3])
                 self.aug.put([(out["x_h"][n], s.image[h], "bilinear", ib and ib[h])], u[3:6])
                 self.aug.put([(out["m_real"][n], s.label[m], "nearest", lb and lb[m])], u[6:9])
+            if self.intensity.enabled:
+                u = torch.tensor([d[3][9:] for d in draws]).view(b, 2, -1)
+                out["x_p"].copy_(self.intensity.apply(out["x_p"], u[:, 0]))
+                out["x_h"].copy_(self.intensity.apply(out["x_h"], u[:, 1]))
         items = _Batch({k: v[n] for k, v in out.items()} for n in range(b))
         items.batch = out if slot is None else _InRing(ring.token, slot, b)
         return items
@@ -449,8 +518,9 @@ class TrainSlices(Dataset):
         return {k: v[0] for k, v in self.__getitems__([key]).batch.items()}
 
     def build(self, recipe: Any, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """The batch of a ``recipe`` [B,21] (``on_device=True``), made on ``device`` from the
-        store's copy there (made once): gathers, then the augmentation batched."""
+        """The batch of a ``recipe`` [B,21] (+20 with intensity changes; ``on_device=True``),
+        made on ``device`` from the store's copy there (made once): gathers, then the
+        augmentation batched."""
         device = torch.device(device)
         if device not in self._on:
             s = self.store
@@ -467,6 +537,10 @@ class TrainSlices(Dataset):
             x_p, m_p = self.aug.apply([(x_p, "bilinear"), (m_p, "nearest")], r[:, 3:9])
             (x_h,) = self.aug.apply([(x_h, "bilinear")], r[:, 9:15])
             (m_real,) = self.aug.apply([(m_real, "nearest")], r[:, 15:21])
+        if self.intensity.enabled:
+            k = IntensityAugment.N_UNIFORMS
+            x_p = self.intensity.apply(x_p, r[:, 21 : 21 + k])
+            x_h = self.intensity.apply(x_h, r[:, 21 + k :])
         return {"x_p": x_p, "m_p": m_p, "x_h": x_h, "m_real": m_real}
 
 
@@ -582,6 +656,7 @@ class PHSDataModule(pl.LightningDataModule):
         self.preprocess_cfg = PreprocessConfig.from_dict(preprocess)
         self.split_cfg = SplitConfig.from_dict(split)
         self.augment = dict(augment or {})
+        IntensityAugment(self.augment.get("intensity"))  # a bad setting fails here, not later
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.preprocess_workers = num_workers, preprocess_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
