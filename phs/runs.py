@@ -26,6 +26,38 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in (cfg or {}).values() if c and "_target_" in c]
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 or AMX, as oneDNN reports it); without
+    it bf16 is emulated and about 8x slower than fp32 (AVX2 only: 0.9 against 7.0 img/s for the
+    demo's step, ``benchmarks/train_step.py``)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # no oneDNN in this build: assume not
+        return False
+
+
+def resolve_precision(precision: str | int, accelerator: str = "auto") -> str:
+    """``trainer.precision``: ``auto`` becomes ``bf16-mixed`` where the device computes bf16
+    natively (a CUDA GPU that supports it, a CPU with :func:`cpu_has_bf16`) and ``32-true``
+    elsewhere; any other value is kept, with a warning for bf16 on a CPU that emulates it."""
+    accelerator = str(accelerator).lower()
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if cuda:
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    else:
+        native = accelerator in ("cpu", "auto") and cpu_has_bf16()
+    precision = str(precision)
+    if precision == "auto":
+        return "bf16-mixed" if native else "32-true"
+    if precision.startswith("bf16") and not cuda and not native:
+        log.warning(
+            "trainer.precision=%s on a CPU without native bf16: emulated, several times slower "
+            "than 32-true here (trainer.precision=auto picks the faster)",
+            precision,
+        )
+    return precision
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit and test one method into ``cfg.paths.output_dir``; returns the monitored validation
     metric (for sweepers). Writes ``checkpoints/``, ``datalist.json`` and, with ``test``,
@@ -54,8 +86,11 @@ def train(cfg: DictConfig) -> float | None:
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # nothing to send learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.get("accelerator", "auto"))
+    log.info("precision: %s (trainer.precision=%s)", precision, cfg.trainer.precision)
+    model.phs_config["trainer"]["precision"] = precision  # what ran, in the checkpoint
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision
     )
     for lg in trainer.loggers:  # the resolved config, on every logger (rank 0 only)
         lg.log_hyperparams(model.phs_config)
@@ -110,7 +145,9 @@ def evaluate_checkpoint(
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=1,
-        precision=precision or run_cfg.get("trainer", {}).get("precision", "32-true"),
+        precision=resolve_precision(
+            precision or run_cfg.get("trainer", {}).get("precision", "32-true"), accelerator
+        ),
         logger=False,
         default_root_dir=str(out_dir),
         enable_checkpointing=False,

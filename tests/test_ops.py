@@ -14,7 +14,7 @@ import torch
 from conftest import F_PRE, MODELS, build, tiny_config
 from omegaconf import OmegaConf
 
-# conf/debug/tiny.yaml on the fixture's volumes: one epoch, experiment=demo (bf16-mixed)
+# conf/debug/tiny.yaml on the fixture's volumes: one epoch, experiment=demo (precision auto)
 TINY = [
     "debug=tiny",
     "data.split.val_fraction=0.25",
@@ -183,6 +183,41 @@ def test_bf16_mixed_trains(model: str, brats_root: Path, tmp_path: Path) -> None
     assert main["n"] > 0 and main["mean"] is not None and math.isfinite(main["mean"]), main
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(v.isfinite().all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_precision_auto_follows_the_hardware(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``auto``: bf16-mixed only where bf16 is native (on a CPU without it, emulated bf16 made
+    the demo's step 8x slower than fp32); explicit values are kept, bf16 on such a CPU warned."""
+    import logging
+
+    from phs import runs
+
+    for native, want in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(runs, "cpu_has_bf16", lambda native=native: native)
+        assert runs.resolve_precision("auto", "cpu") == want
+        if not torch.cuda.is_available():
+            assert runs.resolve_precision("auto", "auto") == want
+        for explicit in ("32-true", "bf16-mixed", 32):
+            assert runs.resolve_precision(explicit, "cpu") == str(explicit)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="phs.runs"):
+            runs.resolve_precision("bf16-mixed", "cpu")
+        assert ("emulated" in caplog.text) == (not native)
+    assert runs.resolve_precision("auto", "gpu") == (
+        "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    )
+
+
+def test_precision_auto_trains_in_what_it_resolves_to(brats_root: Path, tmp_path: Path) -> None:
+    """The checkpoint records the precision that ran (the experiments' ``auto``, resolved)."""
+    from phs.runs import cpu_has_bf16, train
+
+    train(tiny_config(tmp_path, brats_root, "trainer.precision=auto", "test=false"))
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    want = "bf16-mixed" if cpu_has_bf16() else "32-true"
+    assert ckpt["phs_config"]["trainer"]["precision"] == want
 
 
 def test_checkpoint_write_dying_half_way_keeps_the_previous_last_ckpt(

@@ -343,7 +343,7 @@ def test_trained_model_moves_a_phantom_lesion_towards_the_truth(tmp_path: Path) 
         "net.width=16",
         "net.seg_depth=4",
         "trainer.max_steps=1500",
-        "trainer.precision=bf16-mixed",
+        "trainer.precision=auto",  # experiment=demo's
         "model.optimizer.lr=5e-4",
         "test=false",
     )
