@@ -2,6 +2,11 @@
 # The GPU check (issue 13): one script, one GPU, under 8 minutes. See docs/gpu.md.
 #
 #   bash benchmarks/gpu_check.sh [--out FILE] [--budget-s 450] [--skip-tests] [--cpu-smoke]
+#                                [--wheels DIR]
+#
+# --wheels DIR: first install the wheels in DIR (made by benchmarks/gpu_wheels.sh) into a
+# temporary folder put on PYTHONPATH with the repository: for a CUDA PyTorch image that lacks
+# phs's other dependencies and has no package index.
 #
 # 1. python -m pytest -m gpu            every model fits/tests at 208 x 160 in bf16 on CUDA,
 #                                       evaluate/synthesize on GPU checkpoints, CPU <-> GPU moves
@@ -17,8 +22,9 @@
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python >/dev/null 2>&1 && echo python || echo python3)}
 SMOKE=0
+WHEELS=""
 SKIP_TESTS=0
 OUT=""
 BUDGET=450
@@ -30,11 +36,22 @@ while [ $# -gt 0 ]; do
     --out=*) OUT="${1#--out=}" ;;
     --budget-s) BUDGET="$2"; shift ;;
     --budget-s=*) BUDGET="${1#--budget-s=}" ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --wheels) WHEELS="$2"; shift ;;
+    --wheels=*) WHEELS="${1#--wheels=}" ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+
+if [ -n "$WHEELS" ]; then
+  # no index there: --no-index --no-deps, everything else is expected on the machine
+  SITE=$(mktemp -d "${TMPDIR:-/tmp}/phs-site.XXXXXX")
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+    "$WHEELS"/*.whl || { echo "gpu_check.sh: installing the wheels in $WHEELS failed" >&2; exit 1; }
+  export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export WANDB_MODE=${WANDB_MODE:-disabled}
 
 if [ -z "$OUT" ]; then
   if [ "$SMOKE" = 1 ]; then
@@ -47,9 +64,18 @@ if [ -z "$OUT" ]; then
 fi
 mkdir -p "$(dirname "$OUT")"
 
+commit() {  # PHS_COMMIT: for a copy of the tree without .git (e.g. sent to a GPU machine)
+  if git rev-parse --short HEAD 2>/dev/null; then
+    git diff --quiet 2>/dev/null || echo ' (modified)'
+  else
+    echo "${PHS_COMMIT:-?}"
+  fi | tr -d '\n'
+}
+
 main() {
   local status=0 t0=$SECONDS
-  echo "== phs GPU check: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (modified)')"
+  echo "== phs GPU check: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(commit)"
+  "$PY" -c 'import torch, pytorch_lightning as pl, monai, torchmetrics, sys; print(f"   python {sys.version.split()[0]}, torch {torch.__version__}, pytorch_lightning {pl.__version__}, monai {monai.__version__}, torchmetrics {torchmetrics.__version__}")' 2>&1 | tail -1
   if [ "$SMOKE" = 1 ]; then echo "== CPU SMOKE RUN (tiny sizes; the GPU tests skip): not a GPU result"; fi
   if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/   gpu: /'

@@ -13,12 +13,17 @@
 
 Data: the five tiny BraTS cases of conftest's ``brats_root`` (48 x 48 x 30 volumes, padded to
 208 x 160), written once for the module so that each model trains once.
+
+``PHS_GPU_TESTS_DEVICE=cpu python -m pytest -m gpu`` runs the same tests with the CPU standing in
+for the GPU (fp32, as bf16 is emulated on many CPUs): it checks the tests' own code, not CUDA,
+before a GPU's limited time is spent on them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,18 +35,22 @@ import torch
 from conftest import MODELS, REPO, tiny_config, write_brats_cases
 from omegaconf import OmegaConf
 
+DEVICE = os.environ.get("PHS_GPU_TESTS_DEVICE", "cuda")  # "cpu": a dry run of the tests
+ON_GPU = DEVICE == "cuda"
+PRECISION = "bf16-mixed" if ON_GPU else "32-true"
+
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
 # the paper's size on the GPU, over conf/debug/tiny.yaml (which keeps its tiny data and steps):
 # conf/train.yaml's networks (tiny.yaml shrinks them), 208 x 160 slices, bf16-mixed; two
 # training batches per epoch so that validation runs too
 PAPER_GPU = [
-    "trainer.accelerator=gpu",
+    f"trainer.accelerator={'gpu' if ON_GPU else 'cpu'}",
     "trainer.devices=1",
-    "trainer.precision=bf16-mixed",
+    f"trainer.precision={PRECISION}",
     "data.preprocess.slice_size=[208,160]",
     "net.width=32",
     "net.n_res=6",
@@ -154,13 +163,13 @@ def test_fits_and_tests_at_paper_size_in_bf16(model: str, gpu_run) -> None:
     probe = r["probe"]
     assert {p["when"] for p in probe} == {"train", "test batch", "test end"}, probe
     for p in probe:
-        assert p["device"].type == "cuda" and p["precision"] == "bf16-mixed", p
-        assert p["batch"] is None or p["batch"].type == "cuda", p
-        assert p["confmat"].type == "cuda", p  # the pooled anomaly curve's state
+        assert p["device"].type == DEVICE and p["precision"] == PRECISION, p
+        assert p["batch"] is None or p["batch"].type == DEVICE, p
+        assert p["confmat"].type == DEVICE, p  # the pooled anomaly curve's state
         assert not p["off_device"], f"{p['when']}: not on the GPU: {p['off_device']}"
     ckpt = torch.load(r["ckpt"], map_location="cpu", weights_only=True)
     assert ckpt["phs_config"]["data"]["preprocess"]["slice_size"] == [208, 160]
-    assert ckpt["phs_config"]["trainer"]["precision"] == "bf16-mixed"
+    assert ckpt["phs_config"]["trainer"]["precision"] == PRECISION
 
 
 def test_evaluate_gpu_checkpoint_with_f_pre(gpu_run, tmp_path: Path) -> None:
@@ -176,7 +185,7 @@ def test_evaluate_gpu_checkpoint_with_f_pre(gpu_run, tmp_path: Path) -> None:
             overrides=[
                 f"ckpt_path={paired['ckpt']}",
                 f"segmentor_ckpt={seg['ckpt']}",
-                "accelerator=gpu",
+                f"accelerator={'gpu' if ON_GPU else 'cpu'}",
                 f"paths.output_dir={out}",
                 f"paths.cache_dir={tmp_path / 'cache'}",
             ],
@@ -185,7 +194,7 @@ def test_evaluate_gpu_checkpoint_with_f_pre(gpu_run, tmp_path: Path) -> None:
     assert (out / "metrics.json").is_file() and (out / "test_metrics.csv").is_file()
     healthiness = metrics["healthiness"]["mean"]  # f_pre ran on the GPU
     assert healthiness is not None and math.isfinite(healthiness), metrics
-    # the same slices as the training job's test stage (which ran in bf16-mixed, this in fp32)
+    # the same slices as the training job's test stage (which ran in bf16-mixed on the GPU)
     trained = paired["metrics"]["identity"]
     assert metrics["identity"]["n"] == trained["n"]
     assert metrics["identity"]["mean"] == pytest.approx(trained["mean"], abs=0.05)
@@ -214,7 +223,7 @@ def test_synthesize_gpu_checkpoint_on_cuda(
 
     r = gpu_run(model)
     out = tmp_path / "cuda"
-    assert synthesize(synth_cfg(r["ckpt"], gpu_root, out, "cuda")) == 0
+    assert synthesize(synth_cfg(r["ckpt"], gpu_root, out, DEVICE)) == 0
     images = sorted(gpu_root.rglob("*_flair.nii.gz"))
     assert len(list(out.glob("Brats18_TEST_*"))) == len(images) == 5
     image = images[0]
@@ -231,7 +240,7 @@ def test_synthesize_gpu_checkpoint_on_cuda(
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     on, off = tmp_path / "cuda_fp32", tmp_path / "cpu"
-    assert synthesize(synth_cfg(r["ckpt"], image, on, "cuda")) == 0
+    assert synthesize(synth_cfg(r["ckpt"], image, on, DEVICE)) == 0
     assert synthesize(synth_cfg(r["ckpt"], image, off, "cpu")) == 0
     case = image.name.removesuffix(".nii.gz")
     for f in written:
@@ -265,22 +274,22 @@ def test_cpu_checkpoint_to_cuda_and_back(brats_root: Path, tmp_path: Path) -> No
     with torch.no_grad():
         ref = model.synthesize(x)
 
-    cuda = torch.device("cuda")
+    cuda = torch.device(DEVICE)
     model.to(cuda)
-    assert model.device.type == "cuda"
+    assert model.device.type == DEVICE
     assert not off_device(model, cuda), off_device(model, cuda)
-    assert model.evaluator.anomaly["anomaly_residual"].confmat.device.type == "cuda"
+    assert model.evaluator.anomaly["anomaly_residual"].confmat.device.type == DEVICE
     with torch.no_grad():
         out = model.synthesize(x.to(cuda))
-        assert {k: v.device.type for k, v in out.items()} == dict.fromkeys(ref, "cuda")
+        assert {k: v.device.type for k, v in out.items()} == dict.fromkeys(ref, DEVICE)
         for k in ref:
             torch.testing.assert_close(out[k].cpu(), ref[k], atol=1e-2, rtol=0)
         batch = {"x_p": x.to(cuda), "m_p": m.to(cuda)}
         per_slice = model.evaluator.slice_metrics(batch, out, test=True)
-    assert {v.device.type for v in per_slice.values()} == {"cuda"}
+    assert {v.device.type for v in per_slice.values()} == {DEVICE}
     assert "n_pred" in per_slice  # f_pre ran on the GPU
     for acc in model.evaluator.anomaly.values():
-        assert acc.update_count == 1 and acc.confmat.device.type == "cuda"
+        assert acc.update_count == 1 and acc.confmat.device.type == DEVICE
         assert int(acc.confmat.sum()) > 0
     assert not off_device(model, cuda), off_device(model, cuda)
 
