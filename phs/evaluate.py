@@ -11,15 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from phs.cli import friendly_errors
-from phs.runs import evaluate_checkpoint
 
 
 @friendly_errors
 def run(cfg: DictConfig) -> dict[str, Any]:
+    import pytorch_lightning as pl  # torch, Lightning, MONAI: once Hydra has checked the config
+
+    from phs.runs import evaluate_checkpoint
+
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     metrics = evaluate_checkpoint(
