@@ -30,9 +30,7 @@ def __getattr__(name: str) -> Any:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from phs.runs import train
-
-    return friendly_errors(train)(cfg)
+    return __getattr__("train")(cfg)
 
 
 if __name__ == "__main__":

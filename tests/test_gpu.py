@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 
 DEVICE = os.environ.get("PHS_GPU_TESTS_DEVICE", "cuda")  # "cpu": a dry run of the tests
 ON_GPU = DEVICE == "cuda"
+ACCELERATOR = "gpu" if ON_GPU else "cpu"  # Lightning's name for DEVICE
 PRECISION = "bf16-mixed" if ON_GPU else "32-true"
 
 pytestmark = [
@@ -48,7 +49,7 @@ pytestmark = [
 # conf/train.yaml's networks (tiny.yaml shrinks them), 208 x 160 slices, bf16-mixed; two
 # training batches per epoch so that validation runs too
 PAPER_GPU = [
-    f"trainer.accelerator={'gpu' if ON_GPU else 'cpu'}",
+    f"trainer.accelerator={ACCELERATOR}",
     "trainer.devices=1",
     f"trainer.precision={PRECISION}",
     "data.preprocess.slice_size=[208,160]",
@@ -185,7 +186,7 @@ def test_evaluate_gpu_checkpoint_with_f_pre(gpu_run, tmp_path: Path) -> None:
             overrides=[
                 f"ckpt_path={paired['ckpt']}",
                 f"segmentor_ckpt={seg['ckpt']}",
-                f"accelerator={'gpu' if ON_GPU else 'cpu'}",
+                f"accelerator={ACCELERATOR}",
                 f"paths.output_dir={out}",
                 f"paths.cache_dir={tmp_path / 'cache'}",
             ],
