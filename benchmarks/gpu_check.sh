@@ -80,6 +80,33 @@ main() {
   if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/   gpu: /'
   fi
+  # every module on this check's path, phs's own and the ones imported inside functions, before
+  # any minute is spent: a missing one is named at once, with the fix
+  if ! "$PY" - <<'EOF'
+import importlib
+import pkgutil
+import sys
+
+import phs
+
+names = [m.name for m in pkgutil.walk_packages(phs.__path__, "phs.") if "__main__" not in m.name]
+names += ["nilearn.datasets", "matplotlib.pyplot", "rich.progress", "scipy.ndimage", "scipy.stats"]
+names += ["torchmetrics.functional.image", "pytest"]
+missing = []
+for name in names:
+    try:
+        importlib.import_module(name)
+    except ImportError as err:
+        missing.append(f"{name} ({err})")
+if missing:
+    print("   cannot import:", *missing, sep="\n     ")
+    print("   add wheels of what is missing to the --wheels folder (benchmarks/gpu_wheels.sh)")
+sys.exit(1 if missing else 0)
+EOF
+  then
+    echo "   PREFLIGHT FAILED: nothing was measured"
+    return 1
+  fi
   if [ "$SMOKE" = 0 ] && ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
     echo "no CUDA device visible to torch: nothing to measure (use --cpu-smoke to check the script)"
     return 1

@@ -23,9 +23,7 @@ from omegaconf import DictConfig
 
 from phs.cli import friendly_errors
 from phs.errors import PhsError
-from phs.evaluation import markdown_table, mean_cell, write_table
 from phs.io import write_json, write_text
-from phs.runs import evaluate_checkpoint, train_once
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +48,8 @@ def _data_key(overrides: list[str]) -> str:
 
 
 def render(rows: dict[str, dict[str, Any]], variants: dict[str, list[str]]) -> str:
+    from phs.evaluation import markdown_table, mean_cell
+
     header = ["variant", *(t for _, t, _ in COLUMNS), "minutes", "overrides"]
     body = [
         [
@@ -65,6 +65,10 @@ def render(rows: dict[str, dict[str, Any]], variants: dict[str, list[str]]) -> s
 
 @friendly_errors
 def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    # torch, Lightning and MONAI load here, once Hydra has checked the config
+    from phs.evaluation import write_table
+    from phs.runs import evaluate_checkpoint, train_once
+
     out = Path(cfg.paths.output_dir)
     variants = {k: list(v or []) for k, v in cfg.variants.items()}
     chosen = list(cfg.run) if cfg.get("run") else list(variants)

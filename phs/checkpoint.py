@@ -7,18 +7,25 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import OmegaConf
 
 from phs.errors import PhsError
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict, read with ``weights_only=True``; a one-line error when it is not a
-    readable phs checkpoint."""
+def checkpoint_file(path: str | Path) -> Path:
+    """``path`` as a file that exists, or a one-line error (checked before torch loads)."""
     path = Path(str(path)).expanduser()
     if not path.is_file():
         raise PhsError(f"checkpoint '{path}' does not exist")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict, read with ``weights_only=True``; a one-line error when it is not a
+    readable phs checkpoint."""
+    import torch  # here, not at the top: the apps check the path before torch loads
+
+    path = checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated file, pickle with code, not a torch file

@@ -9,16 +9,18 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
 from phs.cli import friendly_errors
-from phs.data import PHSDataModule
 from phs.io import write_json
 from phs.plots import save_panels
+
+if TYPE_CHECKING:  # the datamodule (torch, MONAI, Lightning) loads once the config is composed
+    from phs.data import PHSDataModule
 
 log = logging.getLogger(__name__)
 

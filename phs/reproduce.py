@@ -15,18 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from phs.checkpoint import load_method
 from phs.cli import friendly_errors
 from phs.errors import PhsError
-from phs.evaluation import markdown_table, mean_cell, write_table
 from phs.io import write_json, write_text
-from phs.metrics import wilcoxon_signed_rank
 from phs.plots import save_grid
-from phs.runs import evaluate_checkpoint, train_once
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +66,8 @@ def significance(
     rows: dict[str, dict], methods: list[str], summary: dict[str, dict], alpha: float
 ) -> dict:
     """For each proposed method and metric: p-value against the best baseline (by mean)."""
+    from phs.metrics import wilcoxon_signed_rank
+
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for metric in TABLE_METRICS:
         baselines = [m for m in methods if m in BASELINES and metric in summary[m]]
@@ -117,6 +115,8 @@ def render_table(dataset: str, methods: list[str], summary: dict, sig: dict) -> 
 
 def figure4(out: Path, methods: list[str], ckpts: dict[str, Path], datamodule: Any, n: int) -> Path:
     """Rows: test slices with the largest lesions (distinct cases); columns: input, each method, truth."""
+    import torch
+
     store = datamodule.stores["test"]
     area = store.label.flatten(1).sum(1)
     picks, seen = [], set()
@@ -149,6 +149,10 @@ def f_pre_checkpoint(last: Path, which: str) -> Path:
 
 @friendly_errors
 def run(cfg: DictConfig) -> dict[str, Any]:
+    # torch, Lightning and MONAI load here, once Hydra has checked the config
+    from phs.evaluation import markdown_table, mean_cell, write_table
+    from phs.runs import evaluate_checkpoint, train_once
+
     out = Path(cfg.paths.output_dir)
     if cfg.f_pre_checkpoint not in ("best", "last"):  # fail before any training
         raise PhsError(f"f_pre_checkpoint must be 'best' or 'last', not '{cfg.f_pre_checkpoint}'")

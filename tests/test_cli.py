@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TINY = ["data.preprocess.slice_size=[40,32]", "data.preprocess.n_slices=16", "data.progress=false"]
 
 
@@ -97,3 +99,40 @@ def test_phantom_bad_arguments_exit_2(tmp_path: Path) -> None:
         timeout=120,
     )
     assert p.returncode == 2 and "Traceback" not in p.stderr and "camelyon" in p.stderr
+
+
+APPS = ["phs.train", "phs.evaluate", "phs.synthesize", "phs.inspect", "phs.reproduce", "phs.ablate"]
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "expect"),
+    [
+        ("phs.train", ["model=unet3000"], "unet3000"),  # Hydra refuses it: exit 1
+        *((app, ["--help"], "Powered by Hydra") for app in APPS),
+        ("phs.synthesize", ["ckpt_path=nope.ckpt", "input=.", "output=o"], "nope.ckpt' does not"),
+        ("phs.synthesize", ["ckpt_path=.", "input=nope.nii.gz", "output=o"], "does not exist"),
+    ],
+)
+def test_config_errors_and_help_answer_before_torch_loads(
+    module: str, args: list[str], expect: str, tmp_path: Path
+) -> None:
+    """torch, Lightning and MONAI (seconds of imports) load only once the config is composed and
+    the paths a user typed are checked."""
+    if args[0] == "ckpt_path=.":  # an existing file, so the input is what fails
+        (tmp_path / "model.ckpt").write_bytes(b"")
+        args = ["ckpt_path=model.ckpt", *args[1:]]
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{module!r}, *{args!r}, 'hydra.run.dir={tmp_path}']\n"
+        "try:\n"
+        f"    runpy.run_module({module!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('loaded:', sorted(m for m in ('torch', 'pytorch_lightning', 'monai') if m in sys.modules))\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert expect in p.stdout + p.stderr, p.stdout + p.stderr
+    assert "loaded: []" in p.stdout, p.stdout + p.stderr
+    assert not (tmp_path / "o").exists()  # nothing written for a command that cannot run

@@ -21,9 +21,11 @@ before a GPU's limited time is spent on them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -216,9 +218,23 @@ def synth_cfg(ckpt: Path, image: Path, out: Path, device: str) -> Any:
     return cfg
 
 
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """fp32 without TF32 on the GPU, restored after. Not ``monkeypatch``: since pytest 9.2 its
+    undo deletes attributes it did not find in ``__dict__``, and ``torch.backends.cuda.matmul``
+    keeps its flags behind ``__getattr__``/``__setattr__``."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_synthesize_gpu_checkpoint_on_cuda(
-    model: str, gpu_run, gpu_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model: str, gpu_run, gpu_root: Path, tmp_path: Path
 ) -> None:
     from phs.synthesize import run as synthesize
 
@@ -238,10 +254,9 @@ def test_synthesize_gpu_checkpoint_on_cuda(
     if model != "proposed_paired":
         return
     # the GPU computes what the CPU does: one case, fp32 without TF32 on both
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     on, off = tmp_path / "cuda_fp32", tmp_path / "cpu"
-    assert synthesize(synth_cfg(r["ckpt"], image, on, DEVICE)) == 0
+    with no_tf32():
+        assert synthesize(synth_cfg(r["ckpt"], image, on, DEVICE)) == 0
     assert synthesize(synth_cfg(r["ckpt"], image, off, "cpu")) == 0
     case = image.name.removesuffix(".nii.gz")
     for f in written:

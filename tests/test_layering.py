@@ -69,3 +69,13 @@ def test_ground_floor_has_no_lightning_or_hydra(module: str) -> None:
     for path in files:
         roots = {m.split(".")[0] for m, _ in _imports(path)}
         assert not roots & {"pytorch_lightning", "lightning", "hydra"}, path
+
+
+def test_the_data_package_exports_resolve_on_first_use() -> None:
+    """``phs.data`` loads its submodules lazily; every exported name must still resolve."""
+    import phs.data
+
+    for name in phs.data.__all__:
+        assert getattr(phs.data, name).__name__ == name
+    with pytest.raises(AttributeError):
+        phs.data.PHSDataModul  # noqa: B018

@@ -195,35 +195,6 @@ def test_unknown_model_and_missing_root_are_one_line_errors(tmp_path: Path) -> N
     assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
 
 
-@pytest.mark.parametrize(
-    ("module", "args", "expect"),
-    [
-        ("phs.train", ["model=unet3000"], "unet3000"),  # Hydra refuses it: exit 1
-        ("phs.train", ["--help"], "Powered by Hydra"),
-        ("phs.evaluate", ["--help"], "Powered by Hydra"),
-    ],
-)
-def test_config_errors_and_help_answer_before_torch_loads(
-    module: str, args: list[str], expect: str, tmp_path: Path
-) -> None:
-    """torch, Lightning and MONAI (seconds of imports) load only once the config is composed."""
-    import subprocess
-    import sys
-
-    code = (
-        "import runpy, sys\n"
-        f"sys.argv = [{module!r}, *{args!r}, 'hydra.run.dir={tmp_path}']\n"
-        "try:\n"
-        f"    runpy.run_module({module!r}, run_name='__main__')\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "print('loaded:', sorted(m for m in ('torch', 'pytorch_lightning', 'monai') if m in sys.modules))\n"
-    )
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert expect in p.stdout + p.stderr, p.stdout + p.stderr
-    assert "loaded: []" in p.stdout, p.stdout + p.stderr
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_fast_dev_run(name: str, brats_root: Path, tmp_path: Path) -> None:
     """One batch of each stage runs through, down to finite test metrics."""

@@ -16,8 +16,8 @@ from conftest import tiny_config
 from phs.data.cache import load_case, preprocess_cases
 from phs.data.discovery import discover
 from phs.data.preprocess import PreprocessConfig, load_and_preprocess, middle_slices
+from phs.inference import network_input
 from phs.metrics import dice
-from phs.synthesize import network_input
 
 
 @pytest.fixture(scope="module")

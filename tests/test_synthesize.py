@@ -274,7 +274,7 @@ def test_output_write_dying_half_way_keeps_the_previous_file(
     image: the earlier output stays whole and readable, and no partial file is left."""
     import errno
 
-    from phs.synthesize import write_nifti
+    from phs.inference import write_nifti
 
     ref = nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4))
     out = tmp_path / "out"

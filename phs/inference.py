@@ -1,0 +1,151 @@
+"""Apply a trained model to whole volumes: the training preprocessing read from the checkpoint,
+every axial slice through the network in batches, and the results put back on the input's own grid
+(MONAI's inverse transforms). ``phs.synthesize`` is the command line around it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose
+from omegaconf import DictConfig
+
+from phs.checkpoint import load_method
+from phs.data.preprocess import (
+    Intensity,
+    PreprocessConfig,
+    load_volumes,
+    middle_slices,
+    preprocess_volumes,
+)
+from phs.errors import DataError
+from phs.io import atomic_path
+from phs.plots import save_grid
+
+
+def load_for_inference(ckpt_path: str, device: str) -> tuple[Any, PreprocessConfig, torch.device]:
+    """``(model on the device, the training preprocessing, the device)``; ``device=auto`` picks
+    CUDA when there is one."""
+    model, run_cfg = load_method(ckpt_path)
+    pre = PreprocessConfig.from_dict(run_cfg["data"]["preprocess"])
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    return model.to(dev), pre, dev
+
+
+def network_input(
+    pre: PreprocessConfig, case: dict[str, str]
+) -> tuple[MetaTensor, MetaTensor, Compose, Intensity]:
+    """Load one image and preprocess it exactly as training did (:func:`volume_transforms`, every
+    slice kept). Returns the raw volume, the normalised volume ``[1, H, W, Z]`` the network sees,
+    the chain (to invert) and the intensity mapping."""
+    if not case["image"].endswith((".nii", ".nii.gz")):  # outputs are written with its header
+        raise DataError(f"{case['image']} is not a NIfTI file (.nii or .nii.gz)", case["case"])
+    raw = load_volumes({"case": case["case"], "image": case["image"]})["image"]
+    out, transform = preprocess_volumes({"image": raw}, pre, case["case"])
+    return raw, out["image"], transform, Intensity(**out["intensity"])
+
+
+@torch.no_grad()
+def run_slices(
+    model: Any, vol: torch.Tensor, batch_size: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """``vol`` [1,H,W,Z] through the network slice by slice -> {name: [1,H,W,Z]}."""
+    slices = vol[0].permute(2, 0, 1)[:, None]  # [Z,1,H,W]
+    outs: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(slices), batch_size):
+        batch = slices[start : start + batch_size].to(device).float()
+        for k, v in model.infer(batch).items():
+            outs.setdefault(k, []).append(v.float().cpu())
+    return {k: torch.cat(v)[:, 0].permute(1, 2, 0)[None] for k, v in outs.items()}
+
+
+def write_nifti(path: Path, data: np.ndarray, ref: nib.Nifti1Image, dtype: Any) -> None:
+    """Atomic write on the reference grid."""
+    img = nib.Nifti1Image(data.astype(dtype), ref.affine, header=ref.header)
+    img.set_data_dtype(dtype)
+    img.header.set_slope_inter(1, 0)
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(img, tmp)
+
+
+def synthesize_case(
+    model: Any,
+    pre: PreprocessConfig,
+    case: dict[str, str],
+    out_dir: Path,
+    cfg: DictConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Preprocess, infer, invert, write one case."""
+    x, norm, transform, fit = network_input(pre, case)
+    ref = nib.load(case["image"])  # the header the outputs are written with
+    outs = run_slices(model, norm, cfg.batch_size, device)
+    # model.infer keeps the background (0 outside the brain); outside the middle n_slices of the
+    # brain the model never trained: there (slices=trained) the input is kept, untouched
+    if cfg.slices == "trained":
+        trained = torch.zeros_like(norm.as_tensor())
+        trained[..., middle_slices(trained.shape[-1], pre.n_slices)] = 1
+        outs = {k: v * trained for k, v in outs.items()}
+        if "pseudo_healthy" in outs:
+            outs["pseudo_healthy"] = outs["pseudo_healthy"] + norm.as_tensor() * (1 - trained)
+    results = {}
+    if "pseudo_healthy" in outs:
+        results["pseudo_healthy"] = outs["pseudo_healthy"]
+        results["residual"] = (norm.as_tensor() - outs["pseudo_healthy"]).abs()
+    if "mask" in outs:
+        results["pathology_prob"] = outs["mask"]
+    back = {}
+    for name, value in results.items():
+        mt = MetaTensor(
+            value, meta=norm.meta, applied_operations=copy.deepcopy(norm.applied_operations)
+        )
+        back[name] = np.asarray(transform.inverse({"image": mt})["image"][0])
+    # resampling back blurs the brain's edge into the background: on the input's own grid, too,
+    # everything outside the brain is the input (pseudo_healthy) or nothing (residual, prob)
+    x_norm = fit.apply(np.asarray(x[0], np.float32))
+    inside = x_norm > 0
+    for name in back:
+        back[name] = np.where(inside, back[name], x_norm if name == "pseudo_healthy" else 0)
+    case_dir = out_dir / case["case"]
+    case_dir.mkdir(parents=True, exist_ok=True)
+    shape = tuple(ref.shape[:3])
+    if "pseudo_healthy" in back:
+        ph = back["pseudo_healthy"]
+        if cfg.intensity == "original":
+            ph = np.where(ph > 0, ph * fit.scale + fit.background, fit.background)
+        write_nifti(case_dir / "pseudo_healthy.nii.gz", ph.reshape(shape), ref, np.float32)
+        write_nifti(case_dir / "residual.nii.gz", back["residual"].reshape(shape), ref, np.float32)
+    if "pathology_prob" in back:
+        prob = np.clip(back["pathology_prob"], 0, 1).reshape(shape)
+        write_nifti(case_dir / "pathology_prob.nii.gz", prob, ref, np.float32)
+        write_nifti(case_dir / "pathology_mask.nii.gz", (prob > cfg.threshold), ref, np.uint8)
+    if cfg.preview:
+        save_preview(case_dir / "preview.png", norm, outs, case["case"])
+    return {"case": case["case"], "outputs": sorted(p.name for p in case_dir.iterdir())}
+
+
+def save_preview(path: Path, norm: torch.Tensor, outs: dict[str, torch.Tensor], title: str) -> None:
+    """Three axial slices (the largest predicted lesion, or the middle): input with the predicted
+    mask outlined, pseudo-healthy, mask."""
+    z = norm.shape[-1]
+    if "mask" in outs:
+        area = (outs["mask"][0] > 0.5).flatten(0, 1).sum(0)
+        centre = int(area.argmax()) if area.max() > 0 else z // 2
+    else:
+        centre = z // 2
+    picks = sorted({max(0, min(z - 1, centre + d)) for d in (-8, 0, 8)})
+    vis = {"x_p": norm[0, :, :, picks].permute(2, 0, 1)[:, None]}
+    if "pseudo_healthy" in outs:
+        vis["pseudo_healthy"] = outs["pseudo_healthy"][0, :, :, picks].permute(2, 0, 1)[:, None]
+    if "mask" in outs:
+        vis["mask"] = outs["mask"][0, :, :, picks].permute(2, 0, 1)[:, None]
+        vis["m_p"] = vis["mask"]  # outlined in red on the input (the predicted mask, not a truth)
+    save_grid(vis, path, title)
