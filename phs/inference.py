@@ -24,7 +24,7 @@ from phs.data.preprocess import (
     middle_slices,
     preprocess_volumes,
 )
-from phs.errors import DataError
+from phs.errors import DataError, PhsError
 from phs.io import atomic_path
 from phs.plots import save_grid
 
@@ -32,11 +32,16 @@ from phs.plots import save_grid
 def load_for_inference(ckpt_path: str, device: str) -> tuple[Any, PreprocessConfig, torch.device]:
     """``(model on the device, the training preprocessing, the device)``; ``device=auto`` picks
     CUDA when there is one."""
-    model, run_cfg = load_method(ckpt_path)
-    pre = PreprocessConfig.from_dict(run_cfg["data"]["preprocess"])
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "is a CPU build" if torch.version.cuda is None else "sees no CUDA GPU"
+        raise PhsError(f"device={device}, but torch {torch.__version__} {why}; use device=cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise PhsError(f"device={device}, but torch sees {torch.cuda.device_count()} GPU(s)")
+    model, run_cfg = load_method(ckpt_path)
+    pre = PreprocessConfig.from_dict(run_cfg["data"]["preprocess"])
     return model.to(dev), pre, dev
 
 

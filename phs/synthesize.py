@@ -14,6 +14,7 @@ to the input's units with the inverse of the intensity mapping, ``x * V + b`` (s
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -27,13 +28,30 @@ from phs.errors import DataError, PhsError
 from phs.io import progress, write_json
 
 
+def check_options(cfg: DictConfig) -> None:
+    """A one-line error for an option outside its values (``conf/synthesize.yaml``)."""
+    choices = {"intensity": ("normalized", "original"), "slices": ("trained", "all")}
+    for key, allowed in choices.items():
+        if cfg[key] not in allowed:
+            raise PhsError(f"{key} must be one of {', '.join(allowed)}, not '{cfg[key]}'")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
+        raise PhsError(f"device must be auto, cpu, cuda or cuda:N, not '{cfg.device}'")
+    if (
+        not isinstance(cfg.batch_size, int)
+        or isinstance(cfg.batch_size, bool)
+        or cfg.batch_size < 1
+    ):
+        raise PhsError(f"batch_size must be a whole number >= 1, not '{cfg.batch_size}'")
+    if not isinstance(cfg.threshold, int | float) or not 0 <= cfg.threshold <= 1:
+        raise PhsError(f"threshold must be a probability in [0, 1], not '{cfg.threshold}'")
+
+
 @friendly_errors
 def run(cfg: DictConfig) -> int:
     """Returns the exit code: 0 all cases written, 1 some failed (reported and skipped)."""
     # the options, the input, the output folder and the checkpoint's path are checked before
     # torch and MONAI load (seconds), so a mistyped path answers at once
-    if cfg.intensity not in ("normalized", "original"):
-        raise PhsError(f"intensity must be 'normalized' or 'original', not '{cfg.intensity}'")
+    check_options(cfg)
     checkpoint_file(cfg.ckpt_path)
     cases = find_images(cfg.input)
     out_dir = Path(str(cfg.output)).expanduser()

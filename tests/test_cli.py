@@ -111,6 +111,20 @@ APPS = ["phs.train", "phs.evaluate", "phs.synthesize", "phs.inspect", "phs.repro
         *((app, ["--help"], "Powered by Hydra") for app in APPS),
         ("phs.synthesize", ["ckpt_path=nope.ckpt", "input=.", "output=o"], "nope.ckpt' does not"),
         ("phs.synthesize", ["ckpt_path=.", "input=nope.nii.gz", "output=o"], "does not exist"),
+        *(
+            (
+                "phs.synthesize",
+                ["ckpt_path=x", "input=x", "output=o", bad],
+                f"{bad.split('=')[0]} must",
+            )
+            for bad in (
+                "device=gpu",
+                "batch_size=0",
+                "slices=some",
+                "threshold=1.5",
+                "intensity=raw",
+            )
+        ),
     ],
 )
 def test_config_errors_and_help_answer_before_torch_loads(

@@ -241,6 +241,16 @@ def test_bad_input_exit_2_naming_the_file(kind: str, tiny: dict, tmp_path: Path)
     assert "Traceback" not in p.stderr and message in p.stderr and path.name in p.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_a_gpu_exit_2(tiny: dict, tmp_path: Path) -> None:
+    p = synth(
+        [f"ckpt_path={tiny['ckpt']}", f"input={tiny['root']}", f"output={tmp_path}", "device=cuda"],
+        tmp_path,
+    )
+    assert p.returncode == 2 and "use device=cpu" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and not list(tmp_path.glob("Brats18_SYN_*"))
+
+
 def test_unwritable_output_exit_2(tiny: dict, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
