@@ -13,11 +13,15 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from phs.checkpoint import checkpoint_file
 from phs.cli import friendly_errors
 
 
 @friendly_errors
 def run(cfg: DictConfig) -> dict[str, Any]:
+    for path in (cfg.ckpt_path, cfg.segmentor_ckpt):  # a mistyped path answers at once
+        if path is not None:
+            checkpoint_file(path)
     import pytorch_lightning as pl  # torch, Lightning, MONAI: once Hydra has checked the config
 
     from phs.runs import evaluate_checkpoint

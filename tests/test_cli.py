@@ -110,6 +110,7 @@ APPS = ["phs.train", "phs.evaluate", "phs.synthesize", "phs.inspect", "phs.repro
         ("phs.train", ["model=unet3000"], "unet3000"),  # Hydra refuses it: exit 1
         *((app, ["--help"], "Powered by Hydra") for app in APPS),
         ("phs.synthesize", ["ckpt_path=nope.ckpt", "input=.", "output=o"], "nope.ckpt' does not"),
+        ("phs.evaluate", ["ckpt_path=nope.ckpt"], "nope.ckpt' does not"),
         ("phs.synthesize", ["ckpt_path=.", "input=nope.nii.gz", "output=o"], "does not exist"),
         *(
             (
