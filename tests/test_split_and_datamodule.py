@@ -18,7 +18,7 @@ from phs.data.datamodule import (
     collate_train,
     nonzero_boxes,
 )
-from phs.errors import DataError
+from phs.errors import DataError, PhsError
 
 
 def _records(n: int) -> list[dict]:
@@ -283,6 +283,17 @@ def test_intensity_augment_draws_after_the_geometry(
     assert not TrainSlices(dm.stores["training"], off).intensity.enabled
     with pytest.raises(ValueError, match="intensity"):
         _dm(brats_root, cache_dir, tmp_path, augment={"intensity": {"gamma": -0.1}})
+
+
+@pytest.mark.parametrize(
+    "bad", [{"batch_size": 0}, {"eval_batch_size": -1}, {"num_workers": -1}, {"batch_size": 2.5}]
+)
+def test_bad_batch_or_worker_counts_refused_when_made(
+    bad: dict, brats_root: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """A one-line user error when the data module is made, not a ZeroDivisionError in the loader."""
+    with pytest.raises(PhsError, match=f"data.{next(iter(bad))} must be a whole number"):
+        _dm(brats_root, cache_dir, tmp_path, **bad)
 
 
 def test_batch_is_a_function_of_its_items(

@@ -34,7 +34,7 @@ from phs.data.cache import load_case, preprocess_cases
 from phs.data.discovery import discover
 from phs.data.preprocess import PreprocessConfig
 from phs.data.split import SplitConfig, split_cases, write_datalist
-from phs.errors import DataError
+from phs.errors import DataError, PhsError
 
 log = logging.getLogger(__name__)
 
@@ -657,6 +657,13 @@ class PHSDataModule(pl.LightningDataModule):
         self.split_cfg = SplitConfig.from_dict(split)
         self.augment = dict(augment or {})
         IntensityAugment(self.augment.get("intensity"))  # a bad setting fails here, not later
+        for name, value, low in (
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise PhsError(f"data.{name} must be a whole number >= {low}, not {value!r}")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.preprocess_workers = num_workers, preprocess_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
