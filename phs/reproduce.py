@@ -33,6 +33,7 @@ LABELS = {
     "proposed_paired": "proposed (paired)",
 }
 BASELINES = ("cgan", "cyclegan")
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "model"  # what methods= may name
 TABLE_METRICS = ("identity", "healthiness")
 EXTRA_METRICS = (
     "psnr_lesion",
@@ -149,13 +150,20 @@ def f_pre_checkpoint(last: Path, which: str) -> Path:
 
 @friendly_errors
 def run(cfg: DictConfig) -> dict[str, Any]:
-    # torch, Lightning and MONAI load here, once Hydra has checked the config
+    if cfg.f_pre_checkpoint not in ("best", "last"):  # fail before any training
+        raise PhsError(f"f_pre_checkpoint must be 'best' or 'last', not '{cfg.f_pre_checkpoint}'")
+    models = sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml") if p.stem != "segmentor")
+    unknown = [m for m in cfg.methods if m not in models]
+    if unknown or not cfg.methods or len(set(cfg.methods)) < len(cfg.methods):
+        raise PhsError(
+            f"methods must name different methods of conf/model/ ({', '.join(models)}); "
+            f"got {list(cfg.methods)}"
+        )
+    # torch, Lightning and MONAI load here, once the options are checked
     from phs.evaluation import markdown_table, mean_cell, write_table
     from phs.runs import evaluate_checkpoint, train_once
 
     out = Path(cfg.paths.output_dir)
-    if cfg.f_pre_checkpoint not in ("best", "last"):  # fail before any training
-        raise PhsError(f"f_pre_checkpoint must be 'best' or 'last', not '{cfg.f_pre_checkpoint}'")
     hc = HydraConfig.get()
     data_choice = hc.runtime.choices["data"]
     data_overrides = [o for o in hc.overrides.task if o.startswith("data.")]

@@ -111,6 +111,7 @@ APPS = ["phs.train", "phs.evaluate", "phs.synthesize", "phs.inspect", "phs.repro
         *((app, ["--help"], "Powered by Hydra") for app in APPS),
         ("phs.synthesize", ["ckpt_path=nope.ckpt", "input=.", "output=o"], "nope.ckpt' does not"),
         ("phs.evaluate", ["ckpt_path=nope.ckpt"], "nope.ckpt' does not"),
+        ("phs.reproduce", ["methods=[cgan,proposed_paried]"], "methods must name"),
         ("phs.synthesize", ["ckpt_path=.", "input=nope.nii.gz", "output=o"], "does not exist"),
         *(
             (
