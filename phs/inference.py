@@ -35,11 +35,10 @@ def load_for_inference(ckpt_path: str, device: str) -> tuple[Any, PreprocessConf
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        why = "is a CPU build" if torch.version.cuda is None else "sees no CUDA GPU"
-        raise PhsError(f"device={device}, but torch {torch.__version__} {why}; use device=cpu")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise PhsError(f"device={device}, but torch sees {torch.cuda.device_count()} GPU(s)")
+    n = torch.cuda.device_count()
+    if dev.type == "cuda" and (dev.index or 0) >= n:
+        build = "a CPU build" if torch.version.cuda is None else f"a CUDA build seeing {n} GPU(s)"
+        raise PhsError(f"device={device}, but torch {torch.__version__} is {build}; use device=cpu")
     model, run_cfg = load_method(ckpt_path)
     pre = PreprocessConfig.from_dict(run_cfg["data"]["preprocess"])
     return model.to(dev), pre, dev

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,7 +34,6 @@ LABELS = {
     "proposed_paired": "proposed (paired)",
 }
 BASELINES = ("cgan", "cyclegan")
-MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "model"  # what methods= may name
 TABLE_METRICS = ("identity", "healthiness")
 EXTRA_METRICS = (
     "psnr_lesion",
@@ -152,7 +152,8 @@ def f_pre_checkpoint(last: Path, which: str) -> Path:
 def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.f_pre_checkpoint not in ("best", "last"):  # fail before any training
         raise PhsError(f"f_pre_checkpoint must be 'best' or 'last', not '{cfg.f_pre_checkpoint}'")
-    models = sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml") if p.stem != "segmentor")
+    groups = GlobalHydra.instance().config_loader()  # the model= options Hydra itself would find
+    models = [m for m in groups.get_group_options("model") if m != "segmentor"]
     unknown = [m for m in cfg.methods if m not in models]
     if unknown or not cfg.methods or len(set(cfg.methods)) < len(cfg.methods):
         raise PhsError(

@@ -112,7 +112,11 @@ APPS = ["phs.train", "phs.evaluate", "phs.synthesize", "phs.inspect", "phs.repro
         ("phs.synthesize", ["ckpt_path=nope.ckpt", "input=.", "output=o"], "nope.ckpt' does not"),
         ("phs.evaluate", ["ckpt_path=nope.ckpt"], "nope.ckpt' does not"),
         ("phs.reproduce", ["methods=[cgan,proposed_paried]"], "methods must name"),
-        ("phs.synthesize", ["ckpt_path=.", "input=nope.nii.gz", "output=o"], "does not exist"),
+        (
+            "phs.synthesize",
+            ["ckpt_path=model.ckpt", "input=nope.nii.gz", "output=o"],
+            "does not exist",
+        ),
         *(
             (
                 "phs.synthesize",
@@ -134,9 +138,7 @@ def test_config_errors_and_help_answer_before_torch_loads(
 ) -> None:
     """torch, Lightning and MONAI (seconds of imports) load only once the config is composed and
     the paths a user typed are checked."""
-    if args[0] == "ckpt_path=.":  # an existing file, so the input is what fails
-        (tmp_path / "model.ckpt").write_bytes(b"")
-        args = ["ckpt_path=model.ckpt", *args[1:]]
+    (tmp_path / "model.ckpt").write_bytes(b"")  # a checkpoint file that exists (cwd: tmp_path)
     code = (
         "import runpy, sys\n"
         f"sys.argv = [{module!r}, *{args!r}, 'hydra.run.dir={tmp_path}']\n"
