@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PRE
+from conftest import REPO, TINY_PRE
 
 from phs.data import PHSDataModule, SplitConfig, split_cases
 from phs.data.datamodule import (
@@ -474,3 +474,50 @@ def test_no_healthy_slices_is_a_clear_error(
     dm.setup("fit")
     with pytest.raises(DataError, match="no healthy slices"):
         dm.train_dataloader()
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "debug").glob("*.yaml")))
+def test_debug_presets_work_on_any_data_source(
+    preset: str, brats_root: Path, tmp_path: Path
+) -> None:
+    """``debug=fast`` once added a partial phantom block to ``data=brats``, which then tried to
+    generate a phantom into the user's dataset folder and failed with a TypeError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    def config(*overrides: str):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            return compose("train", overrides=[f"debug={preset}", *overrides])
+
+    for source in ("brats", "isles", "folder"):
+        assert config(f"data={source}").data.phantom is None, source
+    for source in ("synthetic_brats", "synthetic_isles"):
+        phantom = config(f"data={source}").data.phantom
+        assert set(phantom) == {"n_volumes", "seed"}, source
+
+    cfg = config(
+        "data=brats",
+        f"data.root={brats_root}",
+        "data.split.test_fraction=0.2",
+        "data.split.val_fraction=0.25",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.output_dir={tmp_path / 'run'}",
+    )
+    before = sorted(brats_root.rglob("*"))
+    dm = instantiate(cfg.data, progress=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert set(next(iter(dm.train_dataloader()))) >= {"x_p", "m_p", "x_h"}
+    assert sorted(brats_root.rglob("*")) == before  # nothing written into the user's data
+
+
+def test_an_empty_validation_or_test_split_is_named(
+    brats_root: Path, cache_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dm = _dm(brats_root, cache_dir, tmp_path, split={"test_fraction": 0.2, "val_fraction": 0.0})
+    with caplog.at_level("WARNING", logger="phs.data.datamodule"):
+        dm.setup("fit")
+    said = [r.getMessage() for r in caplog.records]
+    assert any("no validation volume (5 volumes, data.split.val_fraction=0.0)" in m for m in said)
+    assert not any("no test volume" in m for m in said)
+    assert dm.val_dataloader() == []

@@ -710,6 +710,17 @@ class PHSDataModule(pl.LightningDataModule):
         self.splits = split_cases(self._good, self.split_cfg)
         if not self.splits["training"] and stage in (None, "fit"):
             raise DataError("the split left no training volume; lower data.split.test_fraction")
+        if stage in (None, "fit"):
+            n = sum(len(v) for k, v in self.splits.items() if k != "unused")
+            for split, key, skipped in (
+                ("validation", "val_fraction", "validation and the best-checkpoint choice are"),
+                ("test", "test_fraction", "the test stage is"),
+            ):
+                if not self.splits[split]:
+                    log.warning(
+                        "no %s volume (%d volumes, data.split.%s=%s): %s skipped",
+                        split, n, key, getattr(self.split_cfg, key), skipped,
+                    )  # fmt: skip
         self.stores = {k: SliceStore(v) for k, v in self.splits.items() if k != "unused"}
         # one writer under DDP (every rank runs setup; same content, but a shared temp name raced)
         if self.datalist_out and (self.trainer is None or self.trainer.is_global_zero):
