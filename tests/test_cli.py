@@ -101,7 +101,15 @@ def test_phantom_bad_arguments_exit_2(tmp_path: Path) -> None:
     assert p.returncode == 2 and "Traceback" not in p.stderr and "camelyon" in p.stderr
 
 
-APPS = ["phs.train", "phs.evaluate", "phs.synthesize", "phs.inspect", "phs.reproduce", "phs.ablate"]
+APPS = [
+    "phs.train",
+    "phs.evaluate",
+    "phs.synthesize",
+    "phs.inspect",
+    "phs.reproduce",
+    "phs.ablate",
+    "phs.phantom",
+]
 
 
 @pytest.mark.parametrize(
@@ -112,6 +120,7 @@ APPS = ["phs.train", "phs.evaluate", "phs.synthesize", "phs.inspect", "phs.repro
         ("phs.synthesize", ["ckpt_path=nope.ckpt", "input=.", "output=o"], "nope.ckpt' does not"),
         ("phs.evaluate", ["ckpt_path=nope.ckpt"], "nope.ckpt' does not"),
         ("phs.reproduce", ["methods=[cgan,proposed_paried]"], "methods must name"),
+        ("phs.phantom", ["out=o", "kind=camelyon"], "kind must be one of brats, isles"),
         (
             "phs.synthesize",
             ["ckpt_path=model.ckpt", "input=nope.nii.gz", "output=o"],

@@ -38,10 +38,33 @@ Modules: :mod:`~phs.phantom.anatomy` (template, subject warp, contrast, bias and
 :mod:`~phs.phantom.lesions` (tumour and stroke models, mass effect, blending),
 :mod:`~phs.phantom.case` (one case from ``(kind, seed, index)``), :mod:`~phs.phantom.writer`
 (files, ``phantom.json``, :func:`generate`, :func:`ensure_phantom`), ``__main__`` (the CLI).
+
+The names below load on first use (PEP 562), so ``python -m phs.phantom --help`` and a mistyped
+``kind=`` answer before torch loads.
 """
 
-from phs.phantom.anatomy import KINDS
-from phs.phantom.case import VERSION, generate_case
-from phs.phantom.writer import case_files, ensure_phantom, generate
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+KINDS = ("brats", "isles")  # the layouts a phantom is written in
+
+_EXPORTS = {
+    "VERSION": "case",
+    "generate_case": "case",
+    "case_files": "writer",
+    "ensure_phantom": "writer",
+    "generate": "writer",
+}
 __all__ = ["KINDS", "VERSION", "case_files", "ensure_phantom", "generate", "generate_case"]
+
+if TYPE_CHECKING:
+    from phs.phantom.case import VERSION, generate_case
+    from phs.phantom.writer import case_files, ensure_phantom, generate
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

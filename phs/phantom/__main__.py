@@ -11,7 +11,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from phs.cli import friendly_errors
 from phs.errors import PhsError
-from phs.phantom.writer import generate
+from phs.phantom import KINDS
 
 
 @friendly_errors
@@ -22,6 +22,10 @@ def run(cfg: DictConfig) -> Path:
     except MissingMandatoryValue:
         raise PhsError("out is required: python -m phs.phantom out=DIR") from None
     c = OmegaConf.to_container(cfg, resolve=True)
+    if c["kind"] not in KINDS:
+        raise PhsError(f"phantom kind must be one of {', '.join(KINDS)}, got {c['kind']!r}")
+    from phs.phantom.writer import generate  # torch: only for a command that can run
+
     t0 = time.perf_counter()
     generate(
         out,

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import map_coordinates
 
-KINDS = ("brats", "isles")
 KIND_ID = {"brats": 1, "isles": 2}
 
 # FLAIR-like tissue intensities relative to grey matter (GM = 1).

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from phs.errors import PhsError
-from phs.phantom.anatomy import KIND_ID, KINDS, acquire, grid_affine, subject, warp
+from phs.phantom import KINDS
+from phs.phantom.anatomy import KIND_ID, acquire, grid_affine, subject, warp
 from phs.phantom.lesions import paint, place_lesions, push_from_tumours
 
 #: Bumped whenever the generated data changes for the same (kind, seed, index).

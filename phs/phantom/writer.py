@@ -21,7 +21,8 @@ import torch
 from phs.errors import PhsError
 from phs.io import atomic_path, write_json
 from phs.io import progress as progress_bar
-from phs.phantom.anatomy import GRIDS, KINDS
+from phs.phantom import KINDS
+from phs.phantom.anatomy import GRIDS
 from phs.phantom.case import VERSION, case_name, check, generate_case
 
 
