@@ -6,6 +6,7 @@ every axial slice through the network in batches, and the results put back on th
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,14 @@ from phs.data.preprocess import (
 from phs.errors import DataError, PhsError
 from phs.io import atomic_path
 from phs.plots import save_grid
+
+log = logging.getLogger(__name__)
+
+# a change of the model's below this (in [0, 1] units, a quarter of an 8-bit display step) is
+# none: there the input is written back untouched
+CHANGE_TOL = 1e-3
+# warn when more than this share of the brain is outside the trained field of view
+LOST_BRAIN_WARN = 1e-3
 
 
 def load_for_inference(ckpt_path: str, device: str) -> tuple[Any, PreprocessConfig, torch.device]:
@@ -72,10 +81,15 @@ def run_slices(
 
 
 def write_nifti(path: Path, data: np.ndarray, ref: nib.Nifti1Image, dtype: Any) -> None:
-    """Atomic write on the reference grid."""
-    img = nib.Nifti1Image(data.astype(dtype), ref.affine, header=ref.header)
+    """Atomic write on the reference grid, in the reference's NIfTI version, without the
+    reference's display window (``cal_min``/``cal_max``), scaling, intent or description."""
+    img = type(ref)(data.astype(dtype), ref.affine, header=ref.header)
     img.set_data_dtype(dtype)
-    img.header.set_slope_inter(1, 0)
+    hdr = img.header
+    hdr.set_slope_inter(1, 0)
+    hdr.set_intent("none")
+    hdr["cal_min"] = hdr["cal_max"] = 0
+    hdr["descrip"] = f"phs {path.name.split('.')[0]}".encode()[:79]
     with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(img, tmp)
 
@@ -91,19 +105,20 @@ def synthesize_case(
     """Preprocess, infer, invert, write one case."""
     x, norm, transform, fit = network_input(pre, case)
     ref = nib.load(case["image"])  # the header the outputs are written with
+    net_x = norm.as_tensor()
     outs = run_slices(model, norm, cfg.batch_size, device)
     # model.infer keeps the background (0 outside the brain); outside the middle n_slices of the
     # brain the model never trained: there (slices=trained) the input is kept, untouched
     if cfg.slices == "trained":
-        trained = torch.zeros_like(norm.as_tensor())
+        trained = torch.zeros_like(net_x)
         trained[..., middle_slices(trained.shape[-1], pre.n_slices)] = 1
         outs = {k: v * trained for k, v in outs.items()}
         if "pseudo_healthy" in outs:
-            outs["pseudo_healthy"] = outs["pseudo_healthy"] + norm.as_tensor() * (1 - trained)
-    results = {}
+            outs["pseudo_healthy"] = outs["pseudo_healthy"] + net_x * (1 - trained)
+    results = {"seen": torch.ones_like(net_x)}  # 0 after inversion: outside the crop
     if "pseudo_healthy" in outs:
         results["pseudo_healthy"] = outs["pseudo_healthy"]
-        results["residual"] = (norm.as_tensor() - outs["pseudo_healthy"]).abs()
+        results["changed"] = ((outs["pseudo_healthy"] - net_x).abs() > CHANGE_TOL).float()
     if "mask" in outs:
         results["pathology_prob"] = outs["mask"]
     back = {}
@@ -112,23 +127,40 @@ def synthesize_case(
             value, meta=norm.meta, applied_operations=copy.deepcopy(norm.applied_operations)
         )
         back[name] = np.asarray(transform.inverse({"image": mt})["image"][0])
-    # resampling back blurs the brain's edge into the background: on the input's own grid, too,
-    # everything outside the brain is the input (pseudo_healthy) or nothing (residual, prob)
-    x_norm = fit.apply(np.asarray(x[0], np.float32))
-    inside = x_norm > 0
-    for name in back:
-        back[name] = np.where(inside, back[name], x_norm if name == "pseudo_healthy" else 0)
+    # On the input's own grid the input is kept voxel for voxel wherever the model changed nothing
+    # (outside the repainted region, untouched slices, the background, brain beyond the trained
+    # field of view): only the model's change is resampled back, not the whole image, so the
+    # round trip through the training spacing does not blur healthy tissue.
+    x_raw = np.asarray(x[0], np.float32)
+    x_norm = fit.apply(x_raw)
+    brain = x_norm > 0
+    seen = back.pop("seen") > 0.5
+    lost = int((brain & ~seen).sum())
+    if lost > LOST_BRAIN_WARN * brain.sum():
+        log.warning(
+            "%s: %.1f%% of the brain lies outside the %g x %g mm field of view the model was "
+            "trained on: kept as the input there",
+            case["case"], 100 * lost / brain.sum(),
+            pre.slice_size[0] * pre.spacing[0], pre.slice_size[1] * pre.spacing[1],
+        )  # fmt: skip
     case_dir = out_dir / case["case"]
     case_dir.mkdir(parents=True, exist_ok=True)
     shape = tuple(ref.shape[:3])
     if "pseudo_healthy" in back:
-        ph = back["pseudo_healthy"]
+        w = np.clip(back.pop("changed"), 0, 1) * brain  # the share of the model's output
+        g = back.pop("pseudo_healthy")
+        residual = w * np.abs(g - x_norm)
         if cfg.intensity == "original":
-            ph = np.where(ph > 0, ph * fit.scale + fit.background, fit.background)
+            ph = (
+                w * np.where(g > 0, g * fit.scale + fit.background, fit.background)
+                + (1 - w) * x_raw
+            )
+        else:
+            ph = w * g + (1 - w) * x_norm
         write_nifti(case_dir / "pseudo_healthy.nii.gz", ph.reshape(shape), ref, np.float32)
-        write_nifti(case_dir / "residual.nii.gz", back["residual"].reshape(shape), ref, np.float32)
+        write_nifti(case_dir / "residual.nii.gz", residual.reshape(shape), ref, np.float32)
     if "pathology_prob" in back:
-        prob = np.clip(back["pathology_prob"], 0, 1).reshape(shape)
+        prob = np.clip(np.where(brain & seen, back["pathology_prob"], 0), 0, 1).reshape(shape)
         write_nifti(case_dir / "pathology_prob.nii.gz", prob, ref, np.float32)
         write_nifti(case_dir / "pathology_mask.nii.gz", (prob > cfg.threshold), ref, np.uint8)
     if cfg.preview:

@@ -200,6 +200,43 @@ def test_original_intensity_units(tiny: dict, tmp_path: Path) -> None:
     top = max(src.max(), 2.5 * np.median(src[src > 0]))
     assert ph.max() > 2.0 and ph.max() <= top * 1.01
     assert (ph[src == 0] == 0).all()  # background stays at the input's background
+    assert np.isclose(ph, src).mean() > 0.5  # the input itself wherever the model changed nothing
+
+
+def test_the_input_comes_back_voxel_for_voxel_where_the_model_changed_nothing(
+    tiny: dict, tmp_path: Path
+) -> None:
+    """Only the model's change is resampled back to the input's grid: slices outside the trained
+    slab and brain beyond the trained field of view (here 40 x 32 mm, narrower than this brain)
+    are the input itself, bright voxels unclipped, in the input's units. The outputs do not
+    inherit the input's display window."""
+    img, _ = brain_volume(shape=(120, 96, 8), lesion_center=(40, 34, 4), lesion_radius=10)
+    img[60, 48, 0] = 5000.0  # far above the intensity mapping's top: clipped before
+    aff = np.diag([0.45, 0.45, 5.0, 1.0])
+    nifti = nib.Nifti1Image(img.astype(np.float32), aff)
+    nifti.header["cal_min"], nifti.header["cal_max"] = -20.0, 200.0
+    src = tmp_path / "clinical.nii.gz"
+    nib.save(nifti, src)
+    out = tmp_path / "o" / "clinical"
+    args = [f"ckpt_path={tiny['ckpt']}", f"input={src}", f"output={tmp_path / 'o'}"]
+    p = synth([*args, "intensity=original"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "of the brain lies outside the 40 x 32 mm field of view" in p.stdout + p.stderr
+    ph = np.asarray(nib.load(out / "pseudo_healthy.nii.gz").dataobj)
+    residual = np.asarray(nib.load(out / "residual.nii.gz").dataobj)
+    brain = img > 0
+    for z in (0, 7):  # outside the trained slab (16 mm of the brain's 40)
+        assert np.array_equal(ph[..., z], img[..., z]) and not residual[..., z].any()
+    assert ph[60, 48, 0] == 5000.0
+    # the brain is 43 mm wide from right to left (axis 0), the field of view 32 mm: the voxels
+    # over 18 mm from the centre were never seen
+    outside_fov = np.zeros_like(brain)
+    outside_fov[:20] = outside_fov[100:] = True
+    assert brain[outside_fov].any() and np.array_equal(ph[outside_fov], img[outside_fov])
+    assert (residual[brain & ~outside_fov] > 0).any()  # the model did act somewhere
+    for name in ("pseudo_healthy", "pathology_mask", "pathology_prob", "residual"):
+        hdr = nib.load(out / f"{name}.nii.gz").header
+        assert hdr["cal_min"] == hdr["cal_max"] == 0, name
 
 
 @pytest.mark.skipif(not (REAL / "brats").is_dir(), reason="../shared/data/real not present")
