@@ -3,6 +3,8 @@ rebuilt from the resolved config the checkpoint carries."""
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,10 @@ from phs.errors import PhsError
 def checkpoint_file(path: str | Path) -> Path:
     """``path`` as a file that exists, or a one-line error (checked before torch loads)."""
     path = Path(str(path)).expanduser()
+    if path.is_dir():
+        inside = path / "checkpoints" / "last.ckpt"
+        hint = f"; did you mean {inside}?" if inside.is_file() else " (a .ckpt file)"
+        raise PhsError(f"checkpoint '{path}' is a folder: give the checkpoint file{hint}")
     if not path.is_file():
         raise PhsError(f"checkpoint '{path}' does not exist")
     return path
@@ -26,11 +32,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     import torch  # here, not at the top: the apps check the path before torch loads
 
     path = checkpoint_file(path)
+    if not zipfile.is_zipfile(path):  # what torch.save writes (torch's own error is misleading)
+        raise PhsError(f"'{path}' is not a checkpoint: not a PyTorch file, or a truncated one")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, pickle with code, not a torch file
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: not here
+        raise PhsError(
+            f"refusing checkpoint '{path}': it holds Python objects besides weights, and phs "
+            "loads weights only (unpickling objects can run code)"
+        ) from None
+    except Exception as err:  # a damaged archive
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PhsError(f"cannot read checkpoint '{path}' safely (weights only): {first}") from None
+        raise PhsError(f"cannot read checkpoint '{path}' (weights only): {first}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "phs_config" not in ckpt:
         raise PhsError(f"'{path}' is not a phs checkpoint (no state_dict/phs_config)")
     return ckpt

@@ -365,6 +365,9 @@ def test_refuses_a_checkpoint_with_a_pickled_object(tiny: dict, tmp_path: Path) 
     truncated.write_bytes(tiny["ckpt"].read_bytes()[:1000])
     p = synth([f"ckpt_path={truncated}", f"input={img}", f"output={tmp_path / 'o'}"], tmp_path)
     assert p.returncode == 2 and "trunc.ckpt" in p.stderr and "Traceback" not in p.stderr
+    p = synth([f"ckpt_path={img}", f"input={img}", f"output={tmp_path / 'o'}"], tmp_path)
+    assert p.returncode == 2 and "is not a checkpoint" in p.stderr  # a scan given as the model
+    assert "weights_only" not in p.stderr  # torch's advice to unpickle anyway is not repeated
 
 
 @pytest.mark.slow
