@@ -115,6 +115,18 @@ def test_mask_any_label_is_pathology(tmp_path: Path) -> None:
     assert set(np.unique(out["label"])) == {0, 1}
 
 
+@pytest.mark.parametrize("value", [0.5, 0.4, -1.0])
+def test_mask_any_non_zero_value_is_pathology(value: float, tmp_path: Path) -> None:
+    """A float mask (0 / 0.5) or a negative label is pathology too, as the docs say; a > 0.5 cut
+    once dropped them silently."""
+    img, mask = brain_volume(lesion_radius=6)
+    soft = (mask > 0).astype(np.float32) * value
+    rec = _rec(save(tmp_path / "i.nii.gz", img), save(tmp_path / "m.nii.gz", soft))
+    ref = _rec(save(tmp_path / "i.nii.gz", img), save(tmp_path / "b.nii.gz", (mask > 0).astype(np.uint8)))
+    out, binary = load_and_preprocess(rec, CFG), load_and_preprocess(ref, CFG)
+    assert binary["label"].any() and np.array_equal(out["label"], binary["label"])
+
+
 # ---- bad input: each names the case and the problem ------------------------------------------
 def _good_pair(tmp_path: Path) -> tuple[Path, Path]:
     return write_case(tmp_path / "case", "img.nii.gz", "seg.nii.gz")

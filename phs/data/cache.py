@@ -25,7 +25,7 @@ from phs.data.preprocess import PreprocessConfig, load_and_preprocess
 from phs.errors import DataError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: background tolerance in the intensity mapping
+CACHE_VERSION = 3  # 2: background tolerance in the intensity mapping; 3: any non-zero mask value
 _ARRAYS = ("image", "label", "healthy")
 
 

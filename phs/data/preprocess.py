@@ -163,7 +163,7 @@ class BinarizeLabeld(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = (d[key] > 0.5).to(torch.uint8) if torch.is_tensor(d[key]) else d[key] > 0.5
+            d[key] = (d[key] != 0).to(torch.uint8) if torch.is_tensor(d[key]) else d[key] != 0
         return d
 
 
