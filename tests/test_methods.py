@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from conftest import F_PRE, MODELS, build, tiny_config
+from conftest import F_PRE, MODELS, REPO, build, tiny_config
 
 from phs.train import train
 
@@ -332,3 +332,33 @@ def test_linear_lr_decay_schedule_and_what_a_run_ends_with(
     for g in groups:  # the last batch (step 3 of 4) ran at half the rate
         assert g["initial_lr"] == cfg.model.optimizer.lr
         assert g["lr"] == pytest.approx(0.5 * g["initial_lr"])
+
+
+@pytest.mark.parametrize(
+    "experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+)
+def test_every_experiment_builds_its_trainer_data_and_model(
+    experiment: str, tmp_path: Path
+) -> None:
+    """Each experiment composes into a Trainer, a data module and a model that Lightning and phs
+    accept (``experiment=paper``'s ``max_steps: null`` once failed in the Trainer, before any
+    step, for every paper_* experiment)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                f"experiment={experiment}",
+                f"paths.cache_dir={tmp_path / 'cache'}",
+                f"paths.output_dir={tmp_path / 'run'}",
+                "logger=none",
+            ],
+        )
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=False, accelerator="cpu", devices=1, precision="32-true"
+    )
+    assert trainer.max_steps == -1 or trainer.max_steps > 0
+    assert trainer.max_epochs == -1 or trainer.max_epochs > 0
+    hydra.utils.instantiate(cfg.data)
+    hydra.utils.instantiate(cfg.model)
