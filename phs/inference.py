@@ -38,9 +38,11 @@ CHANGE_TOL = 1e-3
 LOST_BRAIN_WARN = 1e-3
 
 
-def load_for_inference(ckpt_path: str, device: str) -> tuple[Any, PreprocessConfig, torch.device]:
-    """``(model on the device, the training preprocessing, the device)``; ``device=auto`` picks
-    CUDA when there is one."""
+def load_for_inference(
+    ckpt_path: str, device: str
+) -> tuple[Any, PreprocessConfig, torch.device, str]:
+    """``(model on the device, the training preprocessing, the device, the modality it was
+    trained on)``; ``device=auto`` picks CUDA when there is one."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -50,7 +52,7 @@ def load_for_inference(ckpt_path: str, device: str) -> tuple[Any, PreprocessConf
         raise PhsError(f"device={device}, but torch {torch.__version__} is {build}; use device=cpu")
     model, run_cfg = load_method(ckpt_path)
     pre = PreprocessConfig.from_dict(run_cfg["data"]["preprocess"])
-    return model.to(dev), pre, dev
+    return model.to(dev), pre, dev, str(run_cfg["data"].get("modality") or "flair")
 
 
 def network_input(

@@ -53,7 +53,10 @@ def run(cfg: DictConfig) -> int:
     # torch and MONAI load (seconds), so a mistyped path answers at once
     check_options(cfg)
     checkpoint_file(cfg.ckpt_path)
-    cases = find_images(cfg.input)
+    modality = cfg.get("modality")
+    cases = find_images(cfg.input, modality or "flair")
+    if not str(cfg.output).strip():
+        raise PhsError("output is empty: name the folder to write to (output=DIR)")
     out_dir = Path(str(cfg.output)).expanduser()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +70,9 @@ def run(cfg: DictConfig) -> int:
 
     from phs.inference import load_for_inference, synthesize_case
 
-    model, pre, device = load_for_inference(cfg.ckpt_path, cfg.device)
+    model, pre, device, trained_on = load_for_inference(cfg.ckpt_path, cfg.device)
+    if modality is None and trained_on.lower() != "flair":  # a dataset folder: that modality
+        cases = find_images(cfg.input, trained_on)
     failed = []
     bar = progress("synthesizing", total=len(cases))
     with bar as advance:

@@ -239,6 +239,30 @@ def test_the_input_comes_back_voxel_for_voxel_where_the_model_changed_nothing(
         assert hdr["cal_min"] == hdr["cal_max"] == 0, name
 
 
+def test_a_dataset_folder_is_read_in_the_models_training_modality(
+    tiny: dict, tmp_path: Path
+) -> None:
+    """A BraTS folder holds every modality: the model gets the one it was trained on (read from
+    the checkpoint), unless ``modality=`` says otherwise."""
+    ckpt = torch.load(tiny["ckpt"], weights_only=True)
+    ckpt["phs_config"]["data"]["modality"] = "t2"
+    t2_model = tmp_path / "t2.ckpt"
+    torch.save(ckpt, t2_model)
+    case = tmp_path / "in" / "C1"
+    case.mkdir(parents=True)
+    src = tiny["root"] / "Brats18_SYN_0_1"
+    (case / "C1_flair.nii.gz").write_bytes((src / "Brats18_SYN_0_1_flair.nii.gz").read_bytes())
+    (case / "C1_seg.nii.gz").write_bytes((src / "Brats18_SYN_0_1_seg.nii.gz").read_bytes())
+    (case / "C1_t2.nii.gz").write_text("not an image")
+    args = [f"input={tmp_path / 'in'}", f"output={tmp_path / 'o'}"]
+    p = synth([f"ckpt_path={t2_model}", *args], tmp_path)
+    assert p.returncode == 2 and "C1_t2.nii.gz" in p.stderr, p.stdout + p.stderr
+    p = synth([f"ckpt_path={t2_model}", *args, "modality=flair"], tmp_path)
+    assert p.returncode == 0 and (tmp_path / "o" / "C1" / "pseudo_healthy.nii.gz").is_file()
+    p = synth([f"ckpt_path={tiny['ckpt']}", f"input={tmp_path / 'in'}", "output="], tmp_path)
+    assert p.returncode == 2 and "output is empty" in p.stderr
+
+
 @pytest.mark.skipif(not (REAL / "brats").is_dir(), reason="../shared/data/real not present")
 def test_real_brats_outputs_open_with_input_shape_and_affine(tiny: dict, tmp_path: Path) -> None:
     out = tmp_path / "real"
