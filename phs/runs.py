@@ -121,6 +121,28 @@ def data_config(run_cfg: dict[str, Any], override: DictConfig | None, out_dir: P
     return cfg
 
 
+def load_f_pre(path: str, run_cfg: dict[str, Any]) -> torch.nn.Module:
+    """The segmentor S of a ``model=segmentor`` checkpoint, the evaluator f_pre; a one-line error
+    for any other checkpoint (a method's own S would grade its own images), a warning when it saw
+    other slices than the method (``run_cfg``) does."""
+    from phs.methods import PathologySegmentor
+
+    f_pre, f_cfg = load_method(path)
+    if not isinstance(f_pre, PathologySegmentor):
+        raise PhsError(
+            f"segmentor_ckpt '{path}' is a {type(f_pre).__name__} checkpoint; f_pre is a "
+            "model=segmentor run (python -m phs.train model=segmentor)"
+        )
+    keys = ("spacing", "slice_size", "normalize")
+    mine, theirs = run_cfg["data"]["preprocess"], f_cfg["data"]["preprocess"]
+    differ = [
+        f"{k} {theirs.get(k)} (method: {mine.get(k)})" for k in keys if mine.get(k) != theirs.get(k)
+    ]
+    if differ:
+        log.warning("f_pre was trained on other slices: %s", "; ".join(differ))
+    return f_pre.S
+
+
 def evaluate_checkpoint(
     ckpt_path: str,
     segmentor_ckpt: str | None,
@@ -138,8 +160,7 @@ def evaluate_checkpoint(
         raise PhsError(f"split must be 'test' or 'validation', not '{split}'")
     model, run_cfg = load_method(ckpt_path)
     if segmentor_ckpt:
-        f_pre, _ = load_method(segmentor_ckpt)
-        model.attach_f_pre(f_pre.S)
+        model.attach_f_pre(load_f_pre(segmentor_ckpt, run_cfg))
     datamodule = hydra.utils.instantiate(data_config(run_cfg, data, out_dir))
     datamodule.test_split = split
     trainer = pl.Trainer(

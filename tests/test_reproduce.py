@@ -84,6 +84,14 @@ def test_reproduce_writes_table_and_figure(brats_root: Path, tmp_path: Path) -> 
         abs(again["healthiness"]["mean"] - result["metrics"]["cgan"]["healthiness"]["mean"]) < 1e-6
     )
     assert abs(again["identity"]["mean"] - result["metrics"]["cgan"]["identity"]["mean"]) < 1e-6
+    # a method's checkpoint as f_pre would let its own S grade it: refused in one line
+    own = out / "proposed_paired" / "checkpoints" / "last.ckpt"
+    p = _run(
+        ["phs.evaluate", f"ckpt_path={own}", f"segmentor_ckpt={own}", f"hydra.run.dir={ev}"],
+        tmp_path,
+        tmp_path,
+    )
+    assert p.returncode == 2 and "f_pre is a model=segmentor run" in p.stderr, p.stderr[-2000:]
 
 
 def test_evaluate_bad_checkpoint_is_one_line(tmp_path: Path) -> None:
