@@ -122,7 +122,9 @@ def test_mask_any_non_zero_value_is_pathology(value: float, tmp_path: Path) -> N
     img, mask = brain_volume(lesion_radius=6)
     soft = (mask > 0).astype(np.float32) * value
     rec = _rec(save(tmp_path / "i.nii.gz", img), save(tmp_path / "m.nii.gz", soft))
-    ref = _rec(save(tmp_path / "i.nii.gz", img), save(tmp_path / "b.nii.gz", (mask > 0).astype(np.uint8)))
+    ref = _rec(
+        save(tmp_path / "i.nii.gz", img), save(tmp_path / "b.nii.gz", (mask > 0).astype(np.uint8))
+    )
     out, binary = load_and_preprocess(rec, CFG), load_and_preprocess(ref, CFG)
     assert binary["label"].any() and np.array_equal(out["label"], binary["label"])
 
