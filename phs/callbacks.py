@@ -180,6 +180,22 @@ class TestTable(pl.Callback):
             )
 
 
+class CheckpointOnSIGTERM(pl.Callback):
+    """Save ``last.ckpt`` when the run is sent SIGTERM (a scheduler's preemption, ``timeout``):
+    Lightning turns it into an exception between two whole steps, so the state is a clean one to
+    resume from (``ckpt_path=RUN/checkpoints/last.ckpt``). Other exceptions can strike mid-step
+    and keep the last periodic checkpoint instead."""
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        ckpt = trainer.checkpoint_callback
+        if isinstance(exception, SIGTERMException) and ckpt is not None and ckpt.dirpath:
+            trainer.save_checkpoint(Path(ckpt.dirpath) / "last.ckpt")
+
+
 class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
     """Checkpoints written to a temporary file and renamed into place: a kill during the write
     leaves the previous ``last.ckpt`` intact."""

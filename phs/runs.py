@@ -5,6 +5,7 @@ these; they never import each other."""
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from phs.checkpoint import load_method
 from phs.errors import PhsError
@@ -47,6 +49,9 @@ def resolve_precision(precision: str | int, accelerator: str = "auto") -> str:
     else:
         native = accelerator in ("cpu", "auto") and cpu_has_bf16()
     precision = str(precision)
+    if not cuda and precision in ("16", "16-mixed"):  # what Lightning runs on a CPU instead
+        log.warning("trainer.precision=%s on a CPU: Lightning runs bf16-mixed there", precision)
+        precision = "bf16-mixed"
     if precision == "auto":
         return "bf16-mixed" if native else "32-true"
     if precision.startswith("bf16") and not cuda and not native:
@@ -58,11 +63,76 @@ def resolve_precision(precision: str | int, accelerator: str = "auto") -> str:
     return precision
 
 
+# what a checkpoint must share with the config that resumes it (the data root, the paths and the
+# trainer's budget may change)
+RESUME_KEYS = ("model", "net", "options", "data.kind", "data.modality", "data.preprocess")
+
+
+def _leaves(cfg: DictConfig, key: str) -> dict[str, Any]:
+    """``{dotted key: value}`` of every leaf under ``key`` (lists are leaves)."""
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, DictConfig):
+        return {key: OmegaConf.to_container(value) if OmegaConf.is_list(value) else value}
+    return {k: v for sub in value for k, v in _leaves(cfg, f"{key}.{sub}").items()}
+
+
+def _override(value: Any) -> str:
+    """``value`` as it is written on Hydra's command line."""
+    if isinstance(value, list):
+        return "[" + ",".join(_override(v) for v in value) + "]"
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value)
+
+
+def check_resume(cfg: DictConfig, ckpt_path: str) -> None:
+    """A one-line error, before any work, when ``ckpt_path`` cannot continue under ``cfg``: its
+    networks, options or preprocessing differ (the overrides that restore them are named), or
+    ``trainer.max_steps`` is not beyond its step."""
+    from phs.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(ckpt_path)
+    then = OmegaConf.create(ckpt["phs_config"])
+    now = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    diff = []
+    for key in RESUME_KEYS:
+        a, b = _leaves(then, key), _leaves(now, key)
+        diff += [f"{k}={_override(a.get(k))}" for k in sorted(a | b) if a.get(k) != b.get(k)]
+    if diff:
+        more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
+        raise PhsError(
+            f"checkpoint '{ckpt_path}' was trained with other settings; resume with the run's "
+            f"own overrides (RUN/.hydra/overrides.yaml), here: {' '.join(diff[:8])}{more}"
+        )
+    step, budget = int(ckpt.get("global_step", 0)), cfg.trainer.get("max_steps")
+    if budget is not None and 0 <= budget <= step:
+        raise PhsError(
+            f"checkpoint '{ckpt_path}' is at step {step}: trainer.max_steps={budget} leaves "
+            "nothing to train"
+        )
+
+
+def keep_csv_history(loggers: list[Any]) -> None:
+    """Lightning's CSV logger starts its ``metrics.csv`` afresh: on a resume the rows logged
+    before it move to ``metrics.<n>.csv`` beside it (1 for the first resume) instead."""
+    for lg in loggers:
+        if isinstance(lg, pl.loggers.CSVLogger):
+            current = Path(lg.log_dir) / "metrics.csv"
+            n = 1
+            while (earlier := current.with_name(f"metrics.{n}.csv")).exists():
+                n += 1
+            if current.exists():
+                current.rename(earlier)
+                log.info("resuming: the metrics logged so far are in %s", earlier)
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit and test one method into ``cfg.paths.output_dir``; returns the monitored validation
     metric (for sweepers). Writes ``checkpoints/``, ``datalist.json`` and, with ``test``,
     ``metrics.json``, ``test_metrics.csv`` and ``test_samples.png``."""
     print(OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.get("ckpt_path"):
+        check_resume(cfg, cfg.ckpt_path)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
@@ -84,6 +154,8 @@ def train(cfg: DictConfig) -> float | None:
             cb.monitor, cb.mode = model.monitor
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
+    if cfg.get("ckpt_path"):
+        keep_csv_history(loggers)
     if not loggers:  # nothing to send learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.get("accelerator", "auto"))
@@ -94,7 +166,14 @@ def train(cfg: DictConfig) -> float | None:
     )
     for lg in trainer.loggers:  # the resolved config, on every logger (rank 0 only)
         lg.log_hyperparams(model.phs_config)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException:  # a SystemExit with no code: the scheduler would see a success
+        log.error(
+            "stopped by SIGTERM after step %d; resume with ckpt_path=%s",
+            trainer.global_step, out_dir / "checkpoints" / "last.ckpt",
+        )  # fmt: skip
+        raise SystemExit(128 + signal.SIGTERM) from None
     ckpt_cb = trainer.checkpoint_callback
     if ckpt_cb is not None and ckpt_cb.dirpath and not trainer.fast_dev_run:
         # the final state, whatever stopped training (max_steps mid-epoch skips the epoch-end save)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import hydra
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import F_PRE, MODELS, REPO, build, tiny_config
 
@@ -204,10 +207,18 @@ def test_fast_dev_run(name: str, brats_root: Path, tmp_path: Path) -> None:
     assert main["n"] > 0 and main["mean"] is not None and math.isfinite(main["mean"]), main
 
 
-def test_resume_from_last_checkpoint(brats_root: Path, tmp_path: Path) -> None:
+def test_resume_from_last_checkpoint(
+    brats_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     train(
         tiny_config(
-            tmp_path, brats_root, "model=proposed_unpaired", "trainer.max_steps=2", "test=false"
+            tmp_path,
+            brats_root,
+            "model=proposed_unpaired",
+            "trainer.max_steps=2",
+            "test=false",
+            "logger=csv",
+            "trainer.log_every_n_steps=1",
         )
     )
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -221,11 +232,32 @@ def test_resume_from_last_checkpoint(brats_root: Path, tmp_path: Path) -> None:
             "trainer.max_steps=5",
             "test=false",
             f"ckpt_path={last}",
+            "logger=csv",
+            "trainer.log_every_n_steps=1",
         )
     )
     resumed = torch.load(last, weights_only=False)
     assert resumed["global_step"] == 5 and resumed["phs_batches_seen"] == 5
+    csv = tmp_path / "run" / "csv"  # the losses of steps 1-2 are kept beside those of 3-5
+    steps = [
+        {int(r.split(",")[header.index("step")]) for r in f.read_text().splitlines()[1:]}
+        for f in (csv / "metrics.1.csv", csv / "metrics.csv")
+        if (header := f.read_text().splitlines()[0].split(","))
+    ]
+    assert max(steps[0]) < min(steps[1]) and max(steps[1]) >= 3, steps
     assert len(resumed["optimizer_states"]) == 3
+    # another network size, or a budget already spent: refused before any work, saying how
+    for overrides, said in (
+        (["net.width=16", "trainer.max_steps=9"], "here: model.discriminator.features=8"),
+        (["trainer.max_steps=4"], "is at step 5: trainer.max_steps=4 leaves nothing"),
+    ):
+        cfg = tiny_config(
+            tmp_path, brats_root, "model=proposed_unpaired", f"ckpt_path={last}", *overrides
+        )
+        with pytest.raises(SystemExit):  # phs.train's one-line error, exit status 2
+            train(cfg)
+        assert said in capsys.readouterr().err
+    assert torch.load(last, weights_only=False)["global_step"] == 5
 
 
 def test_non_finite_loss_stops_before_touching_the_weights(
@@ -362,3 +394,35 @@ def test_every_experiment_builds_its_trainer_data_and_model(
     assert trainer.max_epochs == -1 or trainer.max_epochs > 0
     hydra.utils.instantiate(cfg.data)
     hydra.utils.instantiate(cfg.model)
+
+
+class SigtermAt(pl.Callback):
+    """Sends this process SIGTERM after training step ``step``, as a scheduler would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_saves_last_and_exits_143_then_resumes(brats_root: Path, tmp_path: Path) -> None:
+    """SIGTERM (preemption) once ended a run with exit status 0 and no checkpoint of its steps."""
+    cfg = tiny_config(
+        tmp_path,
+        brats_root,
+        "trainer.max_steps=6",
+        "test=false",
+        f"+callbacks.kill._target_={__name__}.SigtermAt",
+        "+callbacks.kill.step=2",
+    )
+    with pytest.raises(SystemExit) as stop:
+        train(cfg)
+    assert stop.value.code == 143
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    train(
+        tiny_config(tmp_path, brats_root, "trainer.max_steps=6", "test=false", f"ckpt_path={last}")
+    )
+    assert torch.load(last, weights_only=True)["global_step"] == 6

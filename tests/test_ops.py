@@ -206,6 +206,11 @@ def test_precision_auto_follows_the_hardware(
         with caplog.at_level(logging.WARNING, logger="phs.runs"):
             runs.resolve_precision("bf16-mixed", "cpu")
         assert ("emulated" in caplog.text) == (not native)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="phs.runs"):  # recorded as what runs
+            assert runs.resolve_precision("16-mixed", "cpu") == "bf16-mixed"
+        assert "Lightning runs bf16-mixed" in caplog.text
+        assert ("emulated" in caplog.text) == (not native)
     assert runs.resolve_precision("auto", "gpu") == (
         "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
     )

@@ -673,7 +673,9 @@ class PHSDataModule(pl.LightningDataModule):
             self.on_after_batch_transfer = self._build_on_device  # type: ignore[method-assign]
         self.cache_dir = Path(cache_dir).expanduser()
         self.skip_bad_cases, self.phantom = skip_bad_cases, dict(phantom) if phantom else None
-        self.datalist_out, self.seed, self.progress = datalist_out, seed, progress
+        # seed=null (an unseeded run): the data order of seed 0, the same on every DDP rank
+        self.datalist_out, self.seed = datalist_out, 0 if seed is None else seed
+        self.progress = progress
         self.splits: dict[str, list[dict]] | None = None
         self.skipped: list[dict] = []
         self.stores: dict[str, SliceStore] = {}
