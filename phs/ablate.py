@@ -83,9 +83,9 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     for name in chosen:
         over = variants[name]
         f_pre = None
-        if cfg.healthiness:  # f_pre on the same preprocessing as the variant
-            seg_over = [*base, "model=segmentor", "test=false"]
-            seg_over += [o for o in over if o.startswith(("data.", "net.seg"))] + common
+        if cfg.healthiness:  # f_pre on the variant's preprocessing, the same for every variant
+            seg_over = [*base, "model=segmentor", "test=false"]  # sharing it (whatever its order)
+            seg_over += [o for o in over if o.startswith("data.")] + common
             f_pre, _ = train_once(out / f"f_pre-{_data_key(over)}", seg_over)
         log.info("variant %s: %s", name, over or "(defaults)")
         ckpt, minutes = train_once(out / name, [*base, *over, *common, "test=false"])

@@ -4,6 +4,7 @@ these; they never import each other."""
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 from pathlib import Path
@@ -268,11 +269,20 @@ def train_once(run_dir: Path, overrides: list[str]) -> tuple[Path, float]:
     from phs.io import write_text
 
     ckpt, done = run_dir / "checkpoints" / "last.ckpt", run_dir / "train_minutes.txt"
+    record = run_dir / "train_overrides.json"  # what the finished run was trained with
     if ckpt.exists() and done.exists():
+        before = json.loads(record.read_text()) if record.exists() else None
+        if before is not None and before != list(overrides):
+            changed = sorted(set(before) ^ set(overrides))
+            raise PhsError(
+                f"{run_dir} holds a run trained with other settings ({' '.join(changed[:6])}): "
+                "give another hydra.run.dir, or delete that folder to train it again"
+            )
         log.info("reusing %s", run_dir)
         return ckpt, float(done.read_text())
     t0 = time.perf_counter()
     train(hydra.compose("train", overrides=[*overrides, f"paths.output_dir={run_dir}"]))
     minutes = (time.perf_counter() - t0) / 60
+    write_text(record, json.dumps(list(overrides)) + "\n")
     write_text(done, f"{minutes:.2f}\n")
     return ckpt, minutes

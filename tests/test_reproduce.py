@@ -138,6 +138,11 @@ def test_ablate_trains_each_variant_and_reports_validation_metrics(
     # a second run reuses every finished training
     p = _run([*args, "run=[d3]"], tmp_path, tmp_path)
     assert p.returncode == 0 and "reusing" in p.stdout + p.stderr
+    # but never a training made with other settings (it was reused under the new labels)
+    other = [a.replace("net.d_layers=2", "net.d_layers=3") for a in args]
+    p = _run([*other, "run=[d3]"], tmp_path, tmp_path)
+    assert p.returncode == 2 and "holds a run trained with other settings" in p.stderr
+    assert "net.d_layers=3" in p.stderr
 
 
 def test_ablate_unknown_variant_is_a_one_line_error(tmp_path: Path) -> None:

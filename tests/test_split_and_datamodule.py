@@ -521,3 +521,12 @@ def test_an_empty_validation_or_test_split_is_named(
     assert any("no validation volume (5 volumes, data.split.val_fraction=0.0)" in m for m in said)
     assert not any("no test volume" in m for m in said)
     assert dm.val_dataloader() == []
+
+
+def test_an_unseeded_run_has_a_data_order(
+    brats_root: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """``seed=null`` reaches the data module as None (it once failed in the sampler)."""
+    dm = _dm(brats_root, cache_dir, tmp_path, seed=None)
+    dm.setup("fit")
+    assert dm.seed == 0 and set(next(iter(dm.train_dataloader()))) >= {"x_p", "x_h"}
