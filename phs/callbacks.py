@@ -180,6 +180,24 @@ class TestTable(pl.Callback):
             )
 
 
+class PeriodicCheckpoint(pl.Callback):
+    """``last.ckpt`` every ``every_n_train_steps`` steps (None: off), validation or not.
+
+    Lightning's ``ModelCheckpoint(every_n_train_steps=N)`` holds back the saves of a manually
+    optimised module until its monitored metric exists, i.e. until the first validation: a crash
+    before it lost every step."""
+
+    def __init__(self, every_n_train_steps: int | None = None) -> None:
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps must be >= 1 or null, not {every_n_train_steps}")
+        self.every = every_n_train_steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        ckpt, step = trainer.checkpoint_callback, trainer.global_step
+        if self.every and step % self.every == 0 and ckpt is not None and ckpt.dirpath:
+            trainer.save_checkpoint(Path(ckpt.dirpath) / "last.ckpt")
+
+
 class CheckpointOnSIGTERM(pl.Callback):
     """Save ``last.ckpt`` when the run is sent SIGTERM (a scheduler's preemption, ``timeout``):
     Lightning turns it into an exception between two whole steps, so the state is a clean one to

@@ -50,7 +50,7 @@ def test_bad_case_named_then_skipped(brats_root: Path, tmp_path: Path) -> None:
     seg.write_bytes(seg.read_bytes()[:100])  # truncated
     p = run(["phs.inspect", "data=brats", f"data.root={brats_root}", *TINY], tmp_path)
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert "Brats18_TEST_1_1" in p.stderr
+    assert "Brats18_TEST_1_1" in p.stderr and "data.skip_bad_cases=true skips" in p.stderr
     out = tmp_path / "s.json"
     p = run(
         [

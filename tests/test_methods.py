@@ -426,3 +426,35 @@ def test_sigterm_saves_last_and_exits_143_then_resumes(brats_root: Path, tmp_pat
         tiny_config(tmp_path, brats_root, "trainer.max_steps=6", "test=false", f"ckpt_path={last}")
     )
     assert torch.load(last, weights_only=True)["global_step"] == 6
+
+
+class LastCheckpointAt(pl.Callback):
+    """Asserts, as step ``step`` begins, that ``last.ckpt`` holds step ``step - 1``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step + 1 == self.step:
+            last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+            assert torch.load(last, weights_only=True)["global_step"] == self.step - 1
+
+
+def test_periodic_checkpoint_before_any_validation(brats_root: Path, tmp_path: Path) -> None:
+    """Lightning's every_n_train_steps held a manually optimised module's saves back until the
+    first validation; phs's periodic checkpoint does not wait."""
+    cfg = tiny_config(
+        tmp_path,
+        brats_root,
+        "trainer.max_steps=4",
+        "test=false",
+        "+trainer.limit_val_batches=0",
+        "callbacks.periodic_checkpoint.every_n_train_steps=2",
+        f"+callbacks.check._target_={__name__}.LastCheckpointAt",
+        "+callbacks.check.step=3",
+    )
+    train(cfg)
+    assert (
+        torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+        == 4
+    )

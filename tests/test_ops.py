@@ -353,7 +353,7 @@ def test_sigkill_then_resume_from_last_checkpoint(brats_root: Path, tmp_path: Pa
         *TINY,
         "trainer.max_epochs=-1",
         "logger=none",
-        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.periodic_checkpoint.every_n_train_steps=2",
         f"hydra.run.dir={run}",
     ]
     proc = subprocess.Popen(

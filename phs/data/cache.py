@@ -123,6 +123,6 @@ def _handle(case: str, err: DataError | None, failed: dict, skip: bool) -> None:
     if err is None:
         return
     if not skip:
-        raise err
+        raise DataError(f"{err.problem} (data.skip_bad_cases=true skips such a case)", err.case)
     log.warning("skipping %s (data.skip_bad_cases=true)", err)
     failed[case] = err
