@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 TINY = ["data.preprocess.slice_size=[40,32]", "data.preprocess.n_slices=16", "data.progress=false"]
 
@@ -164,3 +165,17 @@ def test_config_errors_and_help_answer_before_torch_loads(
     assert expect in p.stdout + p.stderr, p.stdout + p.stderr
     assert "loaded: []" in p.stdout, p.stdout + p.stderr
     assert not (tmp_path / "o").exists()  # nothing written for a command that cannot run
+
+
+def test_a_resume_keeps_the_runs_own_hydra_record() -> None:
+    """Hydra writes the command into ``RUN/.hydra/`` before phs runs; a resume into ``RUN``
+    writes ``.hydra-resume-<time>/`` instead, so the record of how the run was made stays."""
+    from hydra import compose, initialize_config_dir
+
+    import phs  # noqa: F401  (registers the configs' resolvers, as every app does)
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        fresh = compose("train", return_hydra_config=True)
+        resume = compose("train", ["ckpt_path=RUN/checkpoints/last.ckpt"], return_hydra_config=True)
+    assert fresh.hydra.output_subdir == ".hydra"
+    assert resume.hydra.output_subdir.startswith(".hydra-resume-20")
