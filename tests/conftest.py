@@ -27,6 +27,17 @@ TINY_PRE = OmegaConf.to_container(
 )
 
 
+def compose_config(name: str = "train", *overrides: str, hydra: bool = False) -> DictConfig:
+    """``conf/<name>.yaml`` composed with ``overrides`` in the test's process, as the app would
+    (``hydra``: with the ``hydra`` node, e.g. ``hydra.output_subdir``)."""
+    from hydra import compose, initialize_config_dir
+
+    import phs  # noqa: F401  (registers the configs' resolvers, as every app does)
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(name, overrides=list(overrides), return_hydra_config=hydra)
+
+
 def tiny_config(tmp_path: Path, root: Path | None, *overrides: str) -> DictConfig:
     """The train config of ``python -m phs.train debug=tiny``, composed in the test's process.
 
@@ -38,8 +49,6 @@ def tiny_config(tmp_path: Path, root: Path | None, *overrides: str) -> DictConfi
     ``experiment=demo`` would only add bf16-mixed, tiny.yaml sets the rest of what it changes).
     ``overrides`` come last. Usage: ``train(tiny_config(tmp_path, brats_root, "model=cgan"))``.
     """
-    from hydra import compose, initialize_config_dir
-
     data = []
     if root is not None:
         data = [
@@ -51,18 +60,15 @@ def tiny_config(tmp_path: Path, root: Path | None, *overrides: str) -> DictConfi
     experiment = (
         [] if any(o.lstrip("~+").startswith("experiment") for o in overrides) else ["~experiment"]
     )
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                "debug=tiny",
-                *experiment,
-                *data,
-                f"paths.cache_dir={tmp_path / 'cache'}",
-                f"paths.output_dir={tmp_path / 'run'}",
-                *overrides,
-            ],
-        )
+    return compose_config(
+        "train",
+        "debug=tiny",
+        *experiment,
+        *data,
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        *overrides,
+    )
 
 
 def build(cfg: DictConfig) -> tuple[Any, Any]:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import compose_config
 
 TINY = ["data.preprocess.slice_size=[40,32]", "data.preprocess.n_slices=16", "data.progress=false"]
 
@@ -170,12 +170,7 @@ def test_config_errors_and_help_answer_before_torch_loads(
 def test_a_resume_keeps_the_runs_own_hydra_record() -> None:
     """Hydra writes the command into ``RUN/.hydra/`` before phs runs; a resume into ``RUN``
     writes ``.hydra-resume-<time>/`` instead, so the record of how the run was made stays."""
-    from hydra import compose, initialize_config_dir
-
-    import phs  # noqa: F401  (registers the configs' resolvers, as every app does)
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        fresh = compose("train", return_hydra_config=True)
-        resume = compose("train", ["ckpt_path=RUN/checkpoints/last.ckpt"], return_hydra_config=True)
+    fresh = compose_config("train", hydra=True)
+    resume = compose_config("train", "ckpt_path=RUN/checkpoints/last.ckpt", hydra=True)
     assert fresh.hydra.output_subdir == ".hydra"
     assert resume.hydra.output_subdir.startswith(".hydra-resume-20")

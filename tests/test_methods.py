@@ -12,7 +12,7 @@ import hydra
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import F_PRE, MODELS, REPO, build, tiny_config
+from conftest import F_PRE, MODELS, REPO, build, compose_config, tiny_config
 
 from phs.train import train
 
@@ -375,18 +375,13 @@ def test_every_experiment_builds_its_trainer_data_and_model(
     """Each experiment composes into a Trainer, a data module and a model that Lightning and phs
     accept (``experiment=paper``'s ``max_steps: null`` once failed in the Trainer, before any
     step, for every paper_* experiment)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"experiment={experiment}",
-                f"paths.cache_dir={tmp_path / 'cache'}",
-                f"paths.output_dir={tmp_path / 'run'}",
-                "logger=none",
-            ],
-        )
+    cfg = compose_config(
+        "train",
+        f"experiment={experiment}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        "logger=none",
+    )
     trainer = hydra.utils.instantiate(
         cfg.trainer, logger=False, accelerator="cpu", devices=1, precision="32-true"
     )

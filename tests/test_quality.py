@@ -9,8 +9,7 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from conftest import REPO, tiny_config
-from hydra import compose, initialize_config_dir
+from conftest import compose_config, tiny_config
 from hydra.errors import InstantiationException
 
 from phs import metrics
@@ -297,8 +296,7 @@ class _Constant(torch.nn.Module):
 )
 def test_experiment_paper_is_the_paper_and_nothing_else(experiment: str) -> None:
     """One definition: every paper_* experiment gets the paper's settings from paper.yaml."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}"])
+    cfg = compose_config("train", f"experiment={experiment}")
     assert cfg.data.preprocess.normalize == "paper"
     assert list(cfg.data.preprocess.slice_size) == [208, 160] and cfg.data.preprocess.n_slices == 60
     assert (cfg.net.width, cfg.net.d_layers, cfg.net.skip, cfg.net.seg_dropout) == (
@@ -327,8 +325,7 @@ def test_experiment_paper_is_the_paper_and_nothing_else(experiment: str) -> None
 
 
 def test_defaults_are_the_ablation_choice() -> None:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train")
+    cfg = compose_config("train")
     model = hydra.utils.instantiate(cfg.model)
     assert cfg.data.preprocess.normalize == "median" and model.G.skip and model.R.skip
     assert model.mask_blend and model.blend_dilate == 2 and model.cycle_detach_lesion
@@ -336,8 +333,7 @@ def test_defaults_are_the_ablation_choice() -> None:
     assert model.inpaint_fill == "texture"  # seventh screening (mirror not chosen in the sixth)
     assert model.hh_masks == "real" and model.seg_loss == "dice_bce"
     assert cfg.callbacks.ema._target_ == "phs.callbacks.EMA" and cfg.callbacks.ema.decay == 0.995
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        unpaired = hydra.utils.instantiate(compose("train", ["model=proposed_unpaired"]).model)
+    unpaired = hydra.utils.instantiate(compose_config("train", "model=proposed_unpaired").model)
     assert unpaired.lambda_seg == 1.0 and unpaired.lambda_gan == 2.0  # sixth screening
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_PRE
+from conftest import REPO, TINY_PRE, compose_config
 
 from phs.data import PHSDataModule, SplitConfig, split_cases
 from phs.data.datamodule import (
@@ -482,12 +482,10 @@ def test_debug_presets_work_on_any_data_source(
 ) -> None:
     """``debug=fast`` once added a partial phantom block to ``data=brats``, which then tried to
     generate a phantom into the user's dataset folder and failed with a TypeError."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     def config(*overrides: str):
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            return compose("train", overrides=[f"debug={preset}", *overrides])
+        return compose_config("train", f"debug={preset}", *overrides)
 
     for source in ("brats", "isles", "folder"):
         assert config(f"data={source}").data.phantom is None, source
