@@ -21,7 +21,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from phs.cli import friendly_errors
+from phs.cli import friendly_errors, searchpath_overrides
 from phs.errors import PhsError
 from phs.io import write_json, write_text
 
@@ -77,7 +77,13 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         raise PhsError(f"unknown variant(s) {unknown}; conf/ablate.yaml has {sorted(variants)}")
     hc = HydraConfig.get()
     data_overrides = [o for o in hc.overrides.task if o.startswith("data.")]
-    base = [f"data={hc.runtime.choices['data']}", *data_overrides, f"seed={cfg.seed}", *cfg.base]
+    base = [
+        *searchpath_overrides(),  # a variant may use the user's own configs (model=..., data=...)
+        f"data={hc.runtime.choices['data']}",
+        *data_overrides,
+        f"seed={cfg.seed}",
+        *cfg.base,
+    ]
     common = list(cfg.common)  # last: it may override a variant (e.g. a smoke-test size)
     rows: dict[str, dict[str, Any]] = {}
     for name in chosen:

@@ -50,3 +50,13 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+def searchpath_overrides() -> list[str]:
+    """The command line's ``hydra.searchpath=[...]`` (configs of the user's own methods or data),
+    to hand on to the trainings an app composes: Hydra applies it to the app's own config only."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.hydra if o.startswith("hydra.searchpath=")]

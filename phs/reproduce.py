@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from phs.checkpoint import load_method
-from phs.cli import friendly_errors
+from phs.cli import friendly_errors, searchpath_overrides
 from phs.errors import PhsError
 from phs.io import write_json, write_text
 from phs.plots import save_grid
@@ -152,8 +152,14 @@ def f_pre_checkpoint(last: Path, which: str) -> Path:
 def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.f_pre_checkpoint not in ("best", "last"):  # fail before any training
         raise PhsError(f"f_pre_checkpoint must be 'best' or 'last', not '{cfg.f_pre_checkpoint}'")
-    groups = GlobalHydra.instance().config_loader()  # the model= options Hydra itself would find
-    models = [m for m in groups.get_group_options("model") if m != "segmentor"]
+    # the model= options phs.train would find, with the command line's own config folders
+    searchpath = searchpath_overrides()
+    groups = GlobalHydra.instance().config_loader()
+    models = [
+        m
+        for m in groups.get_group_options("model", config_name="train", overrides=searchpath)
+        if m != "segmentor"
+    ]
     unknown = [m for m in cfg.methods if m not in models]
     if unknown or not cfg.methods or len(set(cfg.methods)) < len(cfg.methods):
         raise PhsError(
@@ -169,6 +175,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data_choice = hc.runtime.choices["data"]
     data_overrides = [o for o in hc.overrides.task if o.startswith("data.")]
     common = [
+        *searchpath,
         f"data={data_choice}",
         *data_overrides,
         f"experiment={cfg.train_experiment}",

@@ -1,0 +1,126 @@
+"""docs/extending.md as written: the files it shows, its commands composed with them, and a
+method of the user's own package trained, evaluated, applied and compared in Table 1 by phs's
+apps (tiny data, real networks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import REPO
+from test_commands import CommandError, check_command, extract, needs_user_configs
+
+DOC = REPO / "docs" / "extending.md"
+# a fenced block whose first line names the file it is: ```python\n# mylab/dae.py\n...```
+FILE_BLOCK = re.compile(r"^```\w*\n# ([\w./-]+)\n(.*?)^```", re.M | re.S)
+TINY = "train_overrides=['debug=tiny','trainer.max_steps=2']"
+
+
+def write_doc_files(root: Path) -> list[Path]:
+    """The files the page shows, written under ``root`` as a user would save them."""
+    written = []
+    for name, body in FILE_BLOCK.findall(DOC.read_text(encoding="utf-8")):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(body, encoding="utf-8")
+        written.append(path)
+    (root / "mylab" / "__init__.py").touch()
+    return written
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Path:
+    write_doc_files(tmp_path / "lab")
+    return tmp_path / "lab"
+
+
+def _run(args: list[str], lab: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(lab), "PHS_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=lab, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def test_the_page_shows_a_method_its_config_and_a_data_source(lab: Path) -> None:
+    names = {p.relative_to(lab).as_posix() for p in lab.rglob("*.*")}
+    assert {
+        "mylab/dae.py",
+        "mylab_conf/model/dae.yaml",
+        "mylab_conf/data/mylab_stroke.yaml",
+    } <= names
+
+
+def test_every_command_of_the_page_composes_with_its_files(lab: Path) -> None:
+    commands = [c for c in extract(DOC) if needs_user_configs(c)]
+    apps = {re.match(r"python -m phs\.(\w+)", c.text).group(1) for c in commands}
+    assert {"train", "reproduce"} <= apps  # and -m: a sweep over the user's own option
+    for cmd in commands:
+        cfg = check_command(cmd.text.replace("$PWD", str(lab)))
+        if "phs.train" in cmd.text:
+            assert cfg.model._target_ == "mylab.dae.DenoisingAE", cmd.id
+    # the data source of the page composes too, and a method that is not there is still refused
+    sp = f"'hydra.searchpath=[file://{lab}/mylab_conf]'"
+    cfg = check_command(f"python -m phs.train {sp} data=mylab_stroke")
+    assert cfg.data.kind == "folder" and cfg.data.datalist == "/data/stroke/list.json"
+    assert cfg.data.preprocess.slice_size  # phs's shared defaults, through `_defaults`
+    with pytest.raises(CommandError, match="nope"):
+        check_command(f"python -m phs.reproduce {sp} 'methods=[cgan,nope]'")
+
+
+def test_the_users_method_trains_is_evaluated_applied_and_joins_table1(
+    lab: Path, brats_root: Path, tmp_path: Path
+) -> None:
+    sp = f"hydra.searchpath=[file://{lab}/mylab_conf]"
+    data = ["data=brats", f"data.root={brats_root}", "data.split.test_fraction=0.4"]
+    run = tmp_path / "run"
+    p = _run(
+        ["phs.train", sp, "model=dae", "debug=tiny", *data, f"hydra.run.dir={run}"], lab, tmp_path
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"identity", "psnr_lesion", "anomaly_residual_auprc"} <= set(metrics)
+    assert "dice" not in metrics  # no mask: the metrics follow what synthesize returns
+    ckpt = run / "checkpoints" / "last.ckpt"
+
+    # evaluate and synthesize need no search path: the checkpoint carries its config
+    ev = tmp_path / "ev"
+    p = _run(["phs.evaluate", f"ckpt_path={ckpt}", f"hydra.run.dir={ev}"], lab, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    again = json.loads((ev / "metrics.json").read_text())
+    assert again["psnr_lesion"]["mean"] == pytest.approx(metrics["psnr_lesion"]["mean"], abs=1e-4)
+    scan = next(brats_root.rglob("*_flair.nii.gz"))
+    out = tmp_path / "syn"
+    p = _run(
+        ["phs.synthesize", f"ckpt_path={ckpt}", f"input={scan}", f"output={out}"], lab, tmp_path
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    (ph,) = out.rglob("pseudo_healthy.nii.gz")
+    assert nib.load(ph).shape == nib.load(scan).shape
+    assert not list(out.rglob("pathology_mask.nii.gz"))  # the method has no S
+    assert np.isfinite(np.asarray(nib.load(ph).dataobj)).all()
+
+    # phs.reproduce finds the method through the search path and trains it with the others
+    repro = tmp_path / "repro"
+    p = _run(
+        ["phs.reproduce", sp, "methods=[cgan,dae]", TINY, *data, f"hydra.run.dir={repro}"],
+        lab,
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    table = json.loads((repro / "table1.json").read_text())
+    assert set(table["metrics"]) == {"cgan", "dae"}
+    assert table["significance"]["dae"]["identity"]["against"] == "cgan"
+    assert re.search(r"\| dae \| \**\d", (repro / "table1.md").read_text())
+
+
+def test_without_the_search_path_the_users_method_is_refused(lab: Path, tmp_path: Path) -> None:
+    p = _run(["phs.reproduce", "methods=[cgan,dae]", TINY], lab, tmp_path)
+    assert p.returncode == 2 and "methods must name" in p.stderr and "dae" in p.stderr
