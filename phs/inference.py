@@ -104,7 +104,7 @@ def synthesize_case(
     cfg: DictConfig,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Preprocess, infer, invert, write one case."""
+    """Preprocess, infer, invert, write one case; returns its case name and the files written."""
     x, norm, transform, fit = network_input(pre, case)
     ref = nib.load(case["image"])  # the header the outputs are written with
     net_x = norm.as_tensor()
@@ -148,6 +148,7 @@ def synthesize_case(
     case_dir = out_dir / case["case"]
     case_dir.mkdir(parents=True, exist_ok=True)
     shape = tuple(ref.shape[:3])
+    written = []
     if "pseudo_healthy" in back:
         w = np.clip(back.pop("changed"), 0, 1) * brain  # the share of the model's output
         g = back.pop("pseudo_healthy")
@@ -161,13 +162,16 @@ def synthesize_case(
             ph = w * g + (1 - w) * x_norm
         write_nifti(case_dir / "pseudo_healthy.nii.gz", ph.reshape(shape), ref, np.float32)
         write_nifti(case_dir / "residual.nii.gz", residual.reshape(shape), ref, np.float32)
+        written += ["pseudo_healthy.nii.gz", "residual.nii.gz"]
     if "pathology_prob" in back:
         prob = np.clip(np.where(brain & seen, back["pathology_prob"], 0), 0, 1).reshape(shape)
         write_nifti(case_dir / "pathology_prob.nii.gz", prob, ref, np.float32)
         write_nifti(case_dir / "pathology_mask.nii.gz", (prob > cfg.threshold), ref, np.uint8)
+        written += ["pathology_prob.nii.gz", "pathology_mask.nii.gz"]
     if cfg.preview:
         save_preview(case_dir / "preview.png", norm, outs, case["case"])
-    return {"case": case["case"], "outputs": sorted(p.name for p in case_dir.iterdir())}
+        written.append("preview.png")
+    return {"case": case["case"], "outputs": sorted(written)}
 
 
 def save_preview(path: Path, norm: torch.Tensor, outs: dict[str, torch.Tensor], title: str) -> None:

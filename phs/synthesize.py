@@ -13,10 +13,12 @@ to the input's units with the inverse of the intensity mapping, ``x * V + b`` (s
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -34,6 +36,8 @@ def check_options(cfg: DictConfig) -> None:
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise PhsError(f"{key} must be one of {', '.join(allowed)}, not '{cfg[key]}'")
+    if not isinstance(cfg.get("resume", True), bool):
+        raise PhsError(f"resume must be true or false, not '{cfg.resume}'")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise PhsError(f"device must be auto, cpu, cuda or cuda:N, not '{cfg.device}'")
     if (
@@ -44,6 +48,50 @@ def check_options(cfg: DictConfig) -> None:
         raise PhsError(f"batch_size must be a whole number >= 1, not '{cfg.batch_size}'")
     if not isinstance(cfg.threshold, int | float) or not 0 <= cfg.threshold <= 1:
         raise PhsError(f"threshold must be a probability in [0, 1], not '{cfg.threshold}'")
+
+
+DONE = "synthesize_case.json"  # in each case folder, written once its outputs are complete
+OPTIONS = ("intensity", "threshold", "slices", "preview")  # the options that change the outputs
+
+
+def _file_id(path: str | Path) -> dict[str, Any]:
+    st = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def case_record(case: dict[str, str], cfg: DictConfig) -> dict[str, Any]:
+    """What a case's outputs were made from: the input file, the checkpoint file and the options
+    (a file is known by its path, size and modification time)."""
+    return {
+        "image": _file_id(case["image"]),
+        "checkpoint": _file_id(cfg.ckpt_path),
+        "options": {k: cfg[k] for k in OPTIONS},
+    }
+
+
+def is_done(case_dir: Path, record: dict[str, Any]) -> bool:
+    """Whether ``case_dir`` holds complete outputs of ``record``'s input, checkpoint and options."""
+    try:
+        done = json.loads((case_dir / DONE).read_text())
+    except (OSError, ValueError):
+        return False
+    outputs = done.pop("outputs", None) if isinstance(done, dict) else None
+    return (
+        done == record
+        and isinstance(outputs, list)
+        and all((case_dir / name).is_file() for name in outputs)
+    )
+
+
+def forget_case(case_dir: Path) -> set[str]:
+    """Remove a case's record before it is written again (so a crash half way is never taken
+    for complete outputs); returns the outputs it listed."""
+    try:
+        outputs = json.loads((case_dir / DONE).read_text()).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        outputs = []
+    (case_dir / DONE).unlink(missing_ok=True)
+    return {str(name) for name in outputs if "/" not in str(name)} - {DONE}
 
 
 @friendly_errors
@@ -73,21 +121,37 @@ def run(cfg: DictConfig) -> int:
     model, pre, device, trained_on = load_for_inference(cfg.ckpt_path, cfg.device)
     if modality is None and trained_on.lower() != "flair":  # a dataset folder: that modality
         cases = find_images(cfg.input, trained_on)
-    failed = []
+    failed, kept = [], []
     bar = progress("synthesizing", total=len(cases))
     with bar as advance:
         for case in cases:
+            record = case_record(case, cfg)
+            if cfg.resume and is_done(out_dir / case["case"], record):
+                kept.append(case["case"])
+                advance()
+                continue
+            before = forget_case(out_dir / case["case"])
             try:
-                synthesize_case(model, pre, case, out_dir, cfg, device)
+                done = synthesize_case(model, pre, case, out_dir, cfg, device)
             except DataError as err:
                 if len(cases) == 1:
                     raise
                 failed.append({"case": case["case"], "problem": err.problem})
                 bar.print(f"[red]failed[/] {case['image']}: {err.problem}")
+            else:  # written last: a case cut short by a crash has no record and is redone
+                for name in before - set(done["outputs"]):  # phs's own outputs of another run
+                    (out_dir / case["case"] / name).unlink(missing_ok=True)
+                write_json(out_dir / case["case"] / DONE, {**record, "outputs": done["outputs"]})
             advance()
-    report = {"checkpoint": str(cfg.ckpt_path), "n_cases": len(cases), "failed": failed}
+    report = {
+        "checkpoint": str(cfg.ckpt_path),
+        "n_cases": len(cases),
+        "kept": kept,
+        "failed": failed,
+    }
     write_json(out_dir / "synthesize.json", report)
-    print(f"{len(cases) - len(failed)} of {len(cases)} cases written to {out_dir}")
+    again = f" ({len(kept)} kept from an earlier run: resume=false redoes them)" if kept else ""
+    print(f"{len(cases) - len(failed)} of {len(cases)} cases written to {out_dir}{again}")
     return 1 if failed else 0
 
 

@@ -338,6 +338,45 @@ def test_folder_with_one_bad_case(tiny: dict, tmp_path: Path) -> None:
     assert not (out / "broken" / "pseudo_healthy.nii.gz").exists()
 
 
+def test_a_rerun_keeps_finished_cases_and_redoes_the_rest(tiny: dict, tmp_path: Path) -> None:
+    """After a crash, the same command keeps the cases already written (same input, checkpoint
+    and options) and redoes the case cut short, a replaced input, and every case whose options
+    changed; outputs of the earlier run that the new one does not write are removed."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i in range(3):
+        src = tiny["root"] / f"Brats18_SYN_{i}_1" / f"Brats18_SYN_{i}_1_flair.nii.gz"
+        (folder / f"scan{i}.nii.gz").write_bytes(src.read_bytes())
+    out = tmp_path / "o"
+    args = [f"ckpt_path={tiny['ckpt']}", f"input={folder}", f"output={out}"]
+
+    def stamps() -> dict[str, int]:
+        return {
+            f"scan{i}": (out / f"scan{i}" / "pseudo_healthy.nii.gz").stat().st_mtime_ns
+            for i in range(3)
+        }
+
+    assert synth(args, tmp_path).returncode == 0
+    first = stamps()
+    (out / "scan1" / "synthesize_case.json").unlink()  # killed while writing scan1
+    scan2 = folder / "scan2.nii.gz"  # a new scan under the same name
+    os.utime(scan2, ns=(scan2.stat().st_atime_ns, scan2.stat().st_mtime_ns + 10**9))
+    p = synth(args, tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    second = stamps()
+    assert second["scan0"] == first["scan0"]
+    assert second["scan1"] != first["scan1"] and second["scan2"] != first["scan2"]
+    assert json.loads((out / "synthesize.json").read_text())["kept"] == ["scan0"]
+    assert "1 kept" in p.stdout
+
+    p = synth([*args, "preview=false"], tmp_path)  # other options: every case again
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert all(a != b for a, b in zip(stamps().values(), second.values(), strict=True))
+    assert not list(out.rglob("preview.png"))  # the earlier run's, not written by this one
+    record = json.loads((out / "scan0" / "synthesize_case.json").read_text())
+    assert record["options"]["preview"] is False and "preview.png" not in record["outputs"]
+
+
 def test_output_write_dying_half_way_keeps_the_previous_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
