@@ -23,7 +23,8 @@ from phs import metrics
 from phs.io import write_json, write_text
 
 Summary = dict[str, dict[str, Any]]
-COUNTS = ("n_pred", "n_true")  # per-slice pixel counts behind healthiness, not metrics
+COUNTS = ("n_pred", "n_true", *metrics.LESION_COUNTS)  # per-slice counts behind pooled metrics
+SMALL_LESION_MM2 = 50.0  # a lesion smaller than this in its slice (about 8 mm across) is small
 
 
 class Evaluator(nn.Module):
@@ -31,6 +32,7 @@ class Evaluator(nn.Module):
 
     def __init__(self, thresholds: int = 201) -> None:
         super().__init__()
+        self.pixel_mm2 = 1.0  # in-plane pixel area of the slices (set from the data's spacing)
         self.anomaly = nn.ModuleDict(
             {
                 "anomaly_residual": metrics.AnomalyDetection(thresholds),
@@ -81,6 +83,8 @@ class Evaluator(nn.Module):
             result["dice"] = metrics.dice(out["mask"].float(), m_p)
             if test:
                 self.anomaly["anomaly_mask"].update(out["mask"], m_p, brain)
+                small = SMALL_LESION_MM2 / self.pixel_mm2
+                result.update(metrics.lesion_counts(out["mask"], m_p, small))
         if f_pre is not None:
             result["f_pre_dice"] = metrics.dice(f_pre(x_p), m_p)
             result["n_true"] = (m_p > 0.5).flatten(1).sum(1).float()
@@ -117,6 +121,8 @@ class Evaluator(nn.Module):
                     metrics.healthiness_per_slice(torch.tensor(r["n_pred"]), mean_true)
                 )
         self.summary = summarize(self.rows)
+        if self.rows and "lesions" in self.rows[0]:
+            self.summary.update(metrics.lesion_detection(self.rows))
         for name, acc in self.anomaly.items():
             if acc.update_count:  # a collective: torchmetrics reduces the curves over ranks
                 result = acc.compute()

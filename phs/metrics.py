@@ -148,6 +148,58 @@ def ground_truth_metrics(
     return out
 
 
+LESION_COUNTS = (
+    "lesions", "lesions_found", "small_lesions", "small_lesions_found", "pred_lesions",
+    "pred_lesions_false",
+)  # fmt: skip
+
+
+def lesion_counts(
+    pred: torch.Tensor, target: torch.Tensor, small_pixels: float
+) -> dict[str, torch.Tensor]:
+    """Lesion-wise counts per slice ``[B]``: the true lesions (8-connected components of
+    ``target > 0.5``) and how many the predicted mask (``pred > 0.5``) touches; the same for the
+    small ones (fewer than ``small_pixels`` pixels); the predicted components and how many of them
+    touch no true lesion (false detections). On the CPU (scipy's labelling): test stage only."""
+    import numpy as np
+    from scipy import ndimage
+
+    eight = np.ones((3, 3), bool)
+    pred_np = (pred.detach() > 0.5).cpu().numpy()[:, 0]
+    true_np = (target.detach() > 0.5).cpu().numpy()[:, 0]
+    rows = []
+    for p, t in zip(pred_np, true_np, strict=True):
+        lab, n = ndimage.label(t, eight)
+        idx = np.arange(1, n + 1)
+        size = np.asarray(ndimage.sum_labels(t, lab, idx)) if n else np.zeros(0)
+        hit = np.asarray(ndimage.maximum(p, lab, idx), bool) if n else np.zeros(0, bool)
+        small = size < small_pixels
+        plab, pn = ndimage.label(p, eight)
+        pidx = np.arange(1, pn + 1)
+        touches = np.asarray(ndimage.maximum(t, plab, pidx), bool) if pn else np.zeros(0, bool)
+        rows.append([n, hit.sum(), small.sum(), (hit & small).sum(), pn, (~touches).sum()])
+    values = torch.tensor(rows, dtype=torch.float64).reshape(-1, len(LESION_COUNTS))
+    return {name: values[:, i] for i, name in enumerate(LESION_COUNTS)}
+
+
+def lesion_detection(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """Pooled lesion-wise detection from :func:`lesion_counts` rows: ``lesion_recall`` (true
+    lesions the mask touches), ``lesion_recall_small`` and ``lesion_precision`` (predicted
+    components touching a true lesion), each ``{mean, std: None, n}`` (n: lesions counted)."""
+    total = {k: sum(r[k] for r in rows) for k in LESION_COUNTS}
+
+    def ratio(num: float, den: float) -> dict[str, float | None]:
+        return {"mean": num / den if den else None, "std": None, "n": int(den)}
+
+    return {
+        "lesion_recall": ratio(total["lesions_found"], total["lesions"]),
+        "lesion_recall_small": ratio(total["small_lesions_found"], total["small_lesions"]),
+        "lesion_precision": ratio(
+            total["pred_lesions"] - total["pred_lesions_false"], total["pred_lesions"]
+        ),
+    }
+
+
 def healthiness(pred_masks: torch.Tensor, true_masks: torch.Tensor) -> float:
     """The paper's 'healthiness': ``1 - E[N(f_pre(G(x_p)))] / E[N(m_p)]``, N = pathology pixels.
 

@@ -72,6 +72,48 @@ def test_anomaly_curves_are_reset_and_pooled() -> None:
     assert not ev.rows and all(m.update_count == 0 for m in ev.anomaly.values())
 
 
+def test_lesion_wise_detection_counts_components_and_pools_them() -> None:
+    """Three true lesions in one slice (a large one found, a small one missed, a diagonal pair of
+    pixels that is one 8-connected lesion, found), one false detection; a second slice with one
+    lesion missed. Pooled over slices, not averaged per slice."""
+    ev = Evaluator(thresholds=11)
+    ev.pixel_mm2 = 4.0  # 2 mm pixels: small is under 50 / 4 = 12.5 pixels
+    x_p = torch.zeros(2, 1, 32, 32)
+    x_p[:, :, 1:31, 1:31] = 0.5
+    m_p, mask = torch.zeros_like(x_p), torch.zeros_like(x_p)
+    m_p[0, 0, 2:10, 2:10] = 1  # 64 px, found by a part of it
+    mask[0, 0, 4:6, 4:6] = 0.9
+    m_p[0, 0, 20:23, 20:23] = 1  # 9 px, small, missed
+    m_p[0, 0, 12, 25] = m_p[0, 0, 13, 26] = 1  # diagonal neighbours: one small lesion, found
+    mask[0, 0, 13, 26] = 0.7
+    mask[0, 0, 28:30, 2:4] = 0.8  # touches no lesion
+    m_p[1, 0, 5:12, 5:12] = 1  # 49 px, missed
+    batch = {"x_p": x_p, "m_p": m_p, "case": ["a", "a"], "slice": torch.tensor([0, 1])}
+    ev.reset()
+    ev.add_rows(batch, ev.slice_metrics(batch, {"mask": mask}, test=True))
+    s = ev.finish()
+    assert [ev.rows[0]["lesions"], ev.rows[1]["lesions"]] == [3, 1]
+    assert s["lesion_recall"] == {"mean": pytest.approx(2 / 4), "std": None, "n": 4}
+    assert s["lesion_recall_small"]["mean"] == pytest.approx(1 / 2)  # of the 9 px and 2 px
+    assert s["lesion_precision"] == {"mean": pytest.approx(2 / 3), "std": None, "n": 3}
+    assert "lesions" not in s and "pred_lesions" not in s  # counts, not metrics
+    # no mask (cGAN, CycleGAN): no lesion-wise figures at all
+    ev.reset()
+    ev.add_rows(batch, ev.slice_metrics(batch, {"pseudo_healthy": x_p}, test=True))
+    assert "lesion_recall" not in ev.finish()
+
+
+def test_small_lesions_are_measured_in_mm2_of_the_data(brats_root: Path, tmp_path: Path) -> None:
+    """The test stage takes the pixel area from the slices' spacing (2 mm: 4 mm2)."""
+    import pytorch_lightning as pl
+
+    cfg = tiny_config(tmp_path, brats_root, "model=segmentor", "data.preprocess.spacing=[2,2,2]")
+    dm, method = build(cfg)
+    pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).test(method, dm)
+    assert method.evaluator.pixel_mm2 == 4.0
+    assert method.test_summary()["lesion_recall"]["n"] > 0
+
+
 def test_summary_skips_nan_and_counts() -> None:
     rows = [
         {"case": "a", "slice": 0, "dice": 0.5, "n_pred": 3.0},

@@ -32,6 +32,8 @@ def test_every_model_trains_and_writes_outputs(name: str, brats_root: Path, tmp_
     expected = {"dice"} if name == F_PRE else {"identity", "psnr_lesion", "psnr_lesion_input"}
     assert expected <= set(metrics)
     assert all(math.isfinite(metrics[k]["mean"] or math.nan) for k in expected), metrics
+    has_mask = name in (F_PRE, "proposed_paired", "proposed_unpaired")  # lesion-wise: S's mask
+    assert ("lesion_recall" in metrics) == has_mask and ("dice" in metrics) == has_mask
     assert (run / "test_samples.png").exists() and (run / "datalist.json").exists()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 3  # one global step per batch, whatever the number of optimizers

@@ -273,6 +273,9 @@ class PHSMethod(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.evaluator.reset()
+        pre = getattr(getattr(self.trainer, "datamodule", None), "preprocess_cfg", None)
+        if pre is not None:  # axial slices: the first two axes are in-plane
+            self.evaluator.pixel_mm2 = float(pre.spacing[0] * pre.spacing[1])
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.infer(batch["x_p"])
