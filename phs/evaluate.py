@@ -24,6 +24,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             checkpoint_file(path)
     import pytorch_lightning as pl  # torch, Lightning, MONAI: once Hydra has checked the config
 
+    from phs.evaluation import summary_lines
     from phs.runs import evaluate_checkpoint
 
     pl.seed_everything(cfg.seed, workers=True)
@@ -31,9 +32,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics = evaluate_checkpoint(
         cfg.ckpt_path, cfg.segmentor_ckpt, cfg.get("data"), out_dir, cfg.accelerator, cfg.split
     )
-    for name, m in metrics.items():
-        std = "" if m["std"] is None else f" ± {m['std']:.4f}"
-        print(f"{name:32s} {m['mean']:.4f}{std}  (n={m['n']})")
+    print("\n".join(summary_lines(metrics)))
     print(f"metrics: {out_dir / 'metrics.json'}")
     return metrics
 

@@ -182,6 +182,16 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def summary_lines(summary: Summary) -> list[str]:
+    """One line per metric: ``name  mean ± std  (n=...)``; ``-`` for a metric with no value (e.g.
+    no small lesion in the split)."""
+    lines = []
+    for name, m in summary.items():
+        std = "" if m["std"] is None or mean_cell(summary, name) == "-" else f" ± {m['std']:.4f}"
+        lines.append(f"{name:32s} {mean_cell(summary, name, '{:.4f}')}{std}  (n={m['n']})")
+    return lines
+
+
 def mean_cell(summary: Mapping[str, Any], key: str, fmt: str = "{:.3f}") -> str:
     """One summary mean formatted for a table, ``-`` when missing or undefined."""
     value = summary.get(key, {}).get("mean")

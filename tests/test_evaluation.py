@@ -13,7 +13,7 @@ from conftest import METHODS, MODELS, build, tiny_config
 from torchmetrics import Metric
 
 from phs.errors import PhsError
-from phs.evaluation import Evaluator, summarize
+from phs.evaluation import Evaluator, summarize, summary_lines
 
 
 def _metrics_reachable(obj: Any, seen: set[int] | None = None) -> set[int]:
@@ -112,6 +112,20 @@ def test_small_lesions_are_measured_in_mm2_of_the_data(brats_root: Path, tmp_pat
     pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).test(method, dm)
     assert method.evaluator.pixel_mm2 == 4.0
     assert method.test_summary()["lesion_recall"]["n"] > 0
+
+
+def test_summary_lines_show_a_metric_without_value_as_a_dash() -> None:
+    """phs.evaluate's printout: a pooled metric with nothing to pool (no small lesion) is "-"."""
+    lines = summary_lines(
+        {
+            "dice": {"mean": 0.5, "std": 0.25, "n": 3},
+            "lesion_recall_small": {"mean": None, "std": None, "n": 0},
+            "psnr_lesion": {"mean": math.nan, "std": math.nan, "n": 0},
+        }
+    )
+    assert lines[0].split() == ["dice", "0.5000", "±", "0.2500", "(n=3)"]
+    assert lines[1].split() == ["lesion_recall_small", "-", "(n=0)"]
+    assert lines[2].split() == ["psnr_lesion", "-", "(n=0)"]
 
 
 def test_summary_skips_nan_and_counts() -> None:
