@@ -3,6 +3,7 @@ rebuilt from the resolved config the checkpoint carries."""
 
 from __future__ import annotations
 
+import importlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -49,10 +50,26 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def check_importable(target: str, what: str) -> None:
+    """A one-line error when the class ``target`` (a ``_target_``) cannot be imported: a module
+    not on ``PYTHONPATH`` (a method of the user's own package) or a misspelled name."""
+    module, _, name = str(target).rpartition(".")
+    try:
+        found = hasattr(importlib.import_module(module), name) if module else False
+    except ImportError as err:
+        raise PhsError(
+            f"{what} is {target}, but '{module}' cannot be imported ({err}): put its package on "
+            "PYTHONPATH (or pip install it)"
+        ) from None
+    if not found:
+        raise PhsError(f"{what} is {target}, but module '{module}' has no '{name}'")
+
+
 def load_method(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """``(model in eval mode, resolved run config)`` from a checkpoint written by ``phs.train``."""
     ckpt = read_checkpoint(path)
     cfg = ckpt["phs_config"]
+    check_importable(cfg["model"].get("_target_", ""), f"the model of checkpoint '{path}'")
     try:
         model = hydra.utils.instantiate(OmegaConf.create(cfg["model"]))
         model.load_state_dict(ckpt["state_dict"], strict=True)

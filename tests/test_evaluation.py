@@ -157,6 +157,75 @@ def test_generator_loss_returns_the_declared_terms(
         method.check_declared(set(g) - {"loss"})
 
 
+def test_a_methods_contract_is_checked_with_plain_words(
+    brats_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The mistakes a user's own method makes (docs/extending.md) stop with a message naming the
+    rule, not a zip/KeyError/size-mismatch traceback or a silently wrong training."""
+    dm, method = build(tiny_config(tmp_path, brats_root, "model=cgan"))
+    cls = type(method)
+    batch = next(iter(dm.train_dataloader()))
+
+    class DFirst(cls):  # the discriminator's optimizer first: G would never be updated
+        def optimizer_groups(self):
+            return list(reversed(super().optimizer_groups()))
+
+    class TwoDLosses(cls):
+        loss_names = (*cls.loss_names, "d_extra")
+
+        def discriminator_loss(self, batch, fakes):
+            d = super().discriminator_loss(batch, fakes)
+            return {**d, "d_extra": d["d_x"]}
+
+    class NoTotal(cls):
+        loss_names = tuple(n for n in cls.loss_names if n != "loss")
+
+        def generator_loss(self, batch, fakes):
+            return {k: v for k, v in super().generator_loss(batch, fakes).items() if k != "loss"}
+
+    class Misnamed(cls):
+        def synthesize(self, x_p):
+            return {"healthy": self.G(x_p)}
+
+    class Cropped(cls):
+        def synthesize(self, x_p):
+            return {"pseudo_healthy": self.G(x_p)[..., 1:]}
+
+    class Unbounded(cls):
+        def synthesize(self, x_p):
+            return {"pseudo_healthy": self.G(x_p) * 3 - 1}
+
+    def variant(klass: type) -> Any:
+        m = klass.__new__(klass)
+        m.__dict__ = method.__dict__.copy()  # the same networks, another class
+        m._range_checked = False
+        return m
+
+    with pytest.raises(PhsError, match=r"generators' group first.*\('d_x', True\)"):
+        variant(DFirst).configure_optimizers()
+    import pytorch_lightning as pl
+
+    for klass, rule in [(TwoDLosses, "2 loss\\(es\\).*1 discriminator"), (NoTotal, "as 'loss'")]:
+        m = variant(klass)
+        trainer = pl.Trainer(
+            accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False
+        )
+        with pytest.raises(PhsError, match=rule):
+            trainer.fit(m, train_dataloaders=dm.train_dataloader())
+    x_p = batch["x_p"]
+    with pytest.raises(PhsError, match="returned \\['healthy'\\]; phs uses pseudo_healthy"):
+        variant(Misnamed).infer(x_p)
+    with pytest.raises(PhsError, match="'pseudo_healthy' of shape"):
+        variant(Cropped).infer(x_p)
+    m = variant(Unbounded)
+    with caplog.at_level("WARNING"):
+        out = m.infer(x_p)
+    assert "clipped to [0, 1]" in caplog.text
+    assert float(out["pseudo_healthy"].min()) >= 0 and float(out["pseudo_healthy"].max()) <= 1
+    shipped = method.infer(x_p)["pseudo_healthy"]  # in [0, 1] already: unchanged by the clip
+    assert torch.equal(shipped, method.synthesize(x_p)["pseudo_healthy"] * (x_p > 0))
+
+
 def test_deferred_finite_check_names_the_term_and_step(tmp_path: Path) -> None:
     """On an accelerator the NaN guard is queued and checked in one sync; the error still
     names the term and the step it happened at."""

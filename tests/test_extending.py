@@ -107,6 +107,15 @@ def test_the_users_method_trains_is_evaluated_applied_and_joins_table1(
     assert not list(out.rglob("pathology_mask.nii.gz"))  # the method has no S
     assert np.isfinite(np.asarray(nib.load(ph).dataobj)).all()
 
+    # without the user's package on PYTHONPATH: said so, not "does not match its model config"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HYDRA_FULL_ERROR")}
+    p = subprocess.run(
+        [sys.executable, "-m", "phs.synthesize", f"ckpt_path={ckpt}", f"input={scan}", f"output={out}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 2 and "'mylab.dae' cannot be imported" in p.stderr, p.stderr[-2000:]
+    assert "PYTHONPATH" in p.stderr and "Traceback" not in p.stderr
+
     # phs.reproduce finds the method through the search path and trains it with the others
     repro = tmp_path / "repro"
     p = _run(
@@ -124,3 +133,14 @@ def test_the_users_method_trains_is_evaluated_applied_and_joins_table1(
 def test_without_the_search_path_the_users_method_is_refused(lab: Path, tmp_path: Path) -> None:
     p = _run(["phs.reproduce", "methods=[cgan,dae]", TINY], lab, tmp_path)
     assert p.returncode == 2 and "methods must name" in p.stderr and "dae" in p.stderr
+
+
+def test_a_class_that_cannot_be_imported_is_named() -> None:
+    from phs.checkpoint import check_importable
+    from phs.errors import PhsError
+
+    check_importable("phs.methods.CycleGAN", "the model")
+    with pytest.raises(PhsError, match="module 'phs.methods' has no 'CycleGANN'"):
+        check_importable("phs.methods.CycleGANN", "the model")
+    with pytest.raises(PhsError, match="'mylab_nowhere' cannot be imported.*PYTHONPATH"):
+        check_importable("mylab_nowhere.Method", "the model")

@@ -3,6 +3,7 @@ optimizer partials, and the hooks that hand validation/test batches to :mod:`phs
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable, Iterable
@@ -16,6 +17,8 @@ from phs.errors import PhsError
 from phs.evaluation import Evaluator
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+OUTPUTS = ("pseudo_healthy", "mask", "reconstruction")  # what synthesize may return
+log = logging.getLogger(__name__)
 
 
 def loss_weights(given: dict[str, float] | None, defaults: dict[str, float]) -> dict[str, float]:
@@ -126,6 +129,11 @@ class PHSMethod(pl.LightningModule):
             try:
                 fakes = self.fakes(batch)
                 g = self.generator_loss(batch, fakes)
+                if "loss" not in g:
+                    raise PhsError(
+                        f"{type(self).__name__}.generator_loss returned {sorted(g)}: the "
+                        "weighted sum of the terms must be among them as 'loss'"
+                    )
                 self.check_finite(g)
                 self.optimize(opt_g, g["loss"], toggle=False)
             finally:
@@ -135,6 +143,12 @@ class PHSMethod(pl.LightningModule):
                 fakes = self.fakes(batch)
             g = {}
         d = self.discriminator_loss(batch, {k: v.detach() for k, v in fakes.items()})
+        if len(d) != len(opt_ds):
+            raise PhsError(
+                f"{type(self).__name__}.discriminator_loss returned {len(d)} loss(es) "
+                f"{sorted(d)} for {len(opt_ds)} discriminator optimizer(s) "
+                f"{[n for n, _, is_d in self.optimizer_groups() if is_d]}: one per optimizer, in order"
+            )
         self.check_finite(d)
         self.check_declared({*g, *d}, complete=update_g)
         counted = not update_g  # one global step per batch: only the batch's first update counts
@@ -151,6 +165,13 @@ class PHSMethod(pl.LightningModule):
         return len(self.optimizer_groups())
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        groups = self.optimizer_groups()
+        if not groups or groups[0][2] or any(not is_d for _, _, is_d in groups[1:]):
+            raise PhsError(
+                f"{type(self).__name__}.optimizer_groups() must give the generators' group first "
+                "(is_discriminator False), then one group per discriminator (True); got "
+                f"{[(name, is_d) for name, _, is_d in groups]}"
+            )
         return [
             (self.optimizer_d_factory if is_d else self.optimizer_factory)(params=list(params))
             for _, params, is_d in self.optimizer_groups()
@@ -235,8 +256,34 @@ class PHSMethod(pl.LightningModule):
         the brain), so every output is 0 wherever ``x_p`` is, as ``phs.synthesize`` writes it. A
         method that paints the background (a region reaching past the brain's edge) is not
         scored or shown for pixels no user receives."""
+        out = self.synthesize(x_p)
+        self.check_outputs(x_p, out)
         brain = x_p > 0
-        return {k: v * brain.to(v.dtype) for k, v in self.synthesize(x_p).items()}
+        return {k: v.clamp(0, 1) * brain.to(v.dtype) for k, v in out.items()}
+
+    def check_outputs(self, x_p: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+        """``synthesize``'s contract: known names, one channel of the input's size (an error),
+        values in [0, 1] (checked on the first call; outside, a warning: they are clipped, as
+        scored, shown and written)."""
+        name = f"{type(self).__name__}.synthesize"
+        unknown = sorted(set(out) - set(OUTPUTS))
+        if unknown or not out:
+            raise PhsError(f"{name} returned {unknown or 'nothing'}; phs uses {', '.join(OUTPUTS)}")
+        for key, value in out.items():
+            if value.shape != x_p.shape:
+                raise PhsError(
+                    f"{name} returned '{key}' of shape {tuple(value.shape)} for an input of "
+                    f"shape {tuple(x_p.shape)}: one channel of the input's size"
+                )
+        if not getattr(self, "_range_checked", False):
+            self._range_checked = True
+            lo = min(float(v.min()) for v in out.values())
+            hi = max(float(v.max()) for v in out.values())
+            if lo < 0 or hi > 1:
+                log.warning(
+                    "%s returned values in [%.3g, %.3g]; they are clipped to [0, 1] (end the "
+                    "networks in a sigmoid)", name, lo, hi,
+                )  # fmt: skip
 
     @torch.no_grad()
     def visuals(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
