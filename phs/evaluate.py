@@ -15,10 +15,12 @@ from omegaconf import DictConfig
 
 from phs.checkpoint import checkpoint_file
 from phs.cli import friendly_errors
+from phs.preflight import check_evaluate
 
 
 @friendly_errors
 def run(cfg: DictConfig) -> dict[str, Any]:
+    check_evaluate(cfg)
     for path in (cfg.ckpt_path, cfg.segmentor_ckpt):  # a mistyped path answers at once
         if path is not None:
             checkpoint_file(path)

@@ -20,6 +20,7 @@ from phs.checkpoint import load_method
 from phs.errors import PhsError
 from phs.evaluation import Evaluator, Summary, write_metrics
 from phs.methods import PHSMethod
+from phs.preflight import check_train
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ def train(cfg: DictConfig) -> float | None:
     """Fit and test one method into ``cfg.paths.output_dir``; returns the monitored validation
     metric (for sweepers). Writes ``checkpoints/``, ``datalist.json`` and, with ``test``,
     ``metrics.json``, ``test_metrics.csv`` and ``test_samples.png``."""
+    check_train(cfg)  # a bad config: one line naming the key, before any work
     print(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.get("ckpt_path"):
         check_resume(cfg, cfg.ckpt_path)

@@ -1,0 +1,402 @@
+"""Config checks before any work: a one-line :class:`~phs.errors.PhsError` that names the key
+and what it allows, instead of a traceback after data generation, model building or training.
+
+:func:`check_train` runs first in :func:`phs.runs.train` (so in every training of
+``phs.reproduce`` and ``phs.ablate`` too), :func:`check_evaluate` first in ``phs.evaluate``.
+Plain Python and OmegaConf at import. torch loads only after the config checks, and only where
+a check cannot do without it: a GPU accelerator (:func:`check_accelerator`), and
+``optimized_metric`` or a checkpoint ``monitor`` (:func:`validation_metrics` reads the method
+class and runs the evaluator).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from phs.errors import PhsError
+
+_UNSET = object()
+_REF = re.compile(r"^\$\{([A-Za-z_][\w.]*)\}$")  # a plain ${key} interpolation
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a number may be: ``whole`` (an int), at least ``low`` (more than, with ``above``),
+    below ``below``, or one of ``also`` (described by ``also_text``)."""
+
+    whole: bool = False
+    low: float | None = None
+    above: bool = False
+    below: float | None = None
+    also: tuple[Any, ...] = ()
+    also_text: str = ""
+
+    def allows(self, value: Any) -> bool:
+        if any(
+            value is a if a is None else type(value) is type(a) and value == a for a in self.also
+        ):
+            return True
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if (self.whole and not isinstance(value, int)) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.above else value < self.low):
+            return False
+        return self.below is None or value < self.below
+
+    def __str__(self) -> str:
+        text = "a whole number" if self.whole else "a number"
+        if self.low is not None:
+            text += f" {'>' if self.above else '>='} {self.low:g}"
+        if self.below is not None:
+            text += f"{' and' if self.low is not None else ''} < {self.below:g}"
+        return f"{text}, or {self.also_text}" if self.also_text else text
+
+
+WHOLE_0, WHOLE_1, POSITIVE, NOT_NEGATIVE = (
+    Rule(whole=True, low=0),
+    Rule(whole=True, low=1),
+    Rule(low=0, above=True),
+    Rule(low=0),
+)
+PROBABILITY = Rule(low=0, below=1)
+
+# the numbers of conf/train.yaml, checked where present (a key a config lacks is skipped)
+NUMBERS: dict[str, Rule] = {
+    "seed": Rule(whole=True, also=(None,), also_text="null (unseeded)"),
+    "trainer.max_steps": Rule(whole=True, low=1, also=(-1,), also_text="-1 (no limit)"),
+    "trainer.max_epochs": Rule(
+        whole=True, low=1, also=(-1, None), also_text="-1 (no limit) or null"
+    ),
+    "net.width": WHOLE_1,
+    "net.n_down": WHOLE_0,
+    "net.n_res": WHOLE_0,
+    "net.seg_depth": Rule(whole=True, low=2),
+    "net.d_layers": WHOLE_0,
+    "net.seg_dropout": PROBABILITY,
+    "options.blend_dilate": WHOLE_0,
+    "options.blend_close": WHOLE_0,
+    "options.hh_lesion_weight": NOT_NEGATIVE,
+    "options.mask_gan_weight": NOT_NEGATIVE,
+    "data.preprocess.n_slices": WHOLE_1,
+}
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, default=_UNSET)
+
+
+def origin(cfg: DictConfig, key: str) -> str:
+    """The key a value was set at: ``net.d_layers`` for ``model.discriminator.n_layers``, which
+    is ``${net.d_layers}`` (plain interpolations followed; anything else is ``key`` itself)."""
+    for _ in range(10):
+        parent, _, last = key.rpartition(".")
+        node = _select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig) or last not in node:
+            break
+        raw = OmegaConf.to_container(node, resolve=False).get(last)
+        match = _REF.match(raw) if isinstance(raw, str) else None
+        if match is None:
+            break
+        key = match.group(1)
+    return key
+
+
+def check_number(cfg: DictConfig, key: str, rule: Rule) -> None:
+    """``key`` (when the config has it) obeys ``rule``, or a one-line error."""
+    value = _select(cfg, key)
+    if value is not _UNSET and not rule.allows(value):
+        raise PhsError(f"{origin(cfg, key)} must be {rule}, not {value!r}")
+
+
+def check_optimizer(cfg: DictConfig, key: str) -> None:
+    """An optimizer partial's ``lr`` (> 0), ``betas`` (two numbers in [0, 1)) and
+    ``weight_decay`` (>= 0), where it sets them."""
+    if not isinstance(_select(cfg, key), DictConfig):
+        return
+    check_number(cfg, f"{key}.lr", POSITIVE)
+    check_number(cfg, f"{key}.weight_decay", NOT_NEGATIVE)
+    betas = _select(cfg, f"{key}.betas")
+    if betas is not _UNSET and not (
+        OmegaConf.is_list(betas) and len(betas) == 2 and all(PROBABILITY.allows(b) for b in betas)
+    ):
+        raise PhsError(f"{origin(cfg, f'{key}.betas')} must be two numbers in [0, 1), not {betas}")
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """:data:`NUMBERS`, the optimizers and the loss weights (numbers >= 0)."""
+    for key, rule in NUMBERS.items():
+        check_number(cfg, key, rule)
+    for key in ("model.optimizer", "model.optimizer_d"):
+        check_optimizer(cfg, key)
+    weights = _select(cfg, "model.loss")
+    if isinstance(weights, DictConfig):  # (the segmentor's loss is a name)
+        for name in weights:
+            check_number(cfg, f"model.loss.{name}", NOT_NEGATIVE)
+
+
+def slice_size(cfg: DictConfig) -> tuple[int, int] | None:
+    """``data.preprocess.slice_size`` (None when the config has none), spacing checked too."""
+    spacing = _select(cfg, "data.preprocess.spacing")
+    if spacing is not _UNSET and not (
+        POSITIVE.allows(spacing)
+        or (OmegaConf.is_list(spacing) and len(spacing) == 3 and all(map(POSITIVE.allows, spacing)))
+    ):
+        raise PhsError(f"data.preprocess.spacing must be 3 positive numbers, not {spacing}")
+    size = _select(cfg, "data.preprocess.slice_size")
+    if size is _UNSET or size is None:
+        return None
+    rule = Rule(whole=True, low=8)
+    if not (OmegaConf.is_list(size) and len(size) == 2 and all(map(rule.allows, size))):
+        raise PhsError(
+            f"data.preprocess.slice_size must be two whole numbers >= 8 (rows, columns), not {size}"
+        )
+    return int(size[0]), int(size[1])
+
+
+# -- the networks' input sizes ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Needs:
+    """The slices a network takes: both sides multiples of ``multiple`` and at least ``least``,
+    and not both ``multiple`` (a 1 x 1 coarsest level: instance norm cannot normalise it)."""
+
+    multiple: int
+    least: int
+
+    def problem(self, h: int, w: int) -> str | None:
+        """What ``h`` x ``w`` slices lack (None: nothing)."""
+        m = self.multiple
+        if h % m or w % m:
+            return f"slice sides divisible by {m}"
+        if min(h, w) < self.least:
+            return f"slices of at least {self.least} x {self.least}"
+        if h == w == m:
+            return f"slices larger than {m} x {m}"
+        return None
+
+
+def patch_discriminator_needs(n_layers: int = 4, **_: Any) -> Needs:
+    """MONAI's PatchDiscriminator (4x4 convs, padding 1): a stride-2 conv (side n -> n // 2),
+    ``n_layers - 1`` more, then two stride-1 convs (n -> n - 1 each) that must leave a pixel."""
+    return Needs(1, 4 if n_layers == 0 else 3 * 2**n_layers)
+
+
+def resnet_generator_needs(n_down: int = 2, n_res: int = 6, **_: Any) -> Needs:
+    """G and R: sides divisible by ``2 ** n_down`` (its own check), the 7x7 conv's reflection
+    padding of 3 needs 4 pixels, a residual block's padding of 1 two at the coarsest level."""
+    m = 2**n_down
+    return Needs(m, max(4, 2 * m if n_res else m))
+
+
+def segmentor_needs(depth: int = 5, **_: Any) -> Needs:
+    """MONAI's UNet with ``depth - 1`` stride-2 levels: otherwise its output has another size."""
+    return Needs(2 ** (depth - 1), 2 ** (depth - 1))
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """One of phs's networks: its size arguments with the class's defaults and rules, the one
+    that sets its downsampling (``size``), and :class:`Needs` of its arguments."""
+
+    args: dict[str, tuple[int | float, Rule]]
+    size: str
+    needs: Callable[..., Needs]
+
+
+_D = NetSpec(
+    {"in_channels": (1, WHOLE_1), "features": (32, WHOLE_1), "n_layers": (4, WHOLE_0)},
+    "n_layers",
+    patch_discriminator_needs,
+)
+_G = NetSpec(
+    {
+        "in_channels": (1, WHOLE_1),
+        "out_channels": (1, WHOLE_1),
+        "features": (32, WHOLE_1),
+        "n_down": (2, WHOLE_0),
+        "n_res": (6, WHOLE_0),
+    },
+    "n_down",
+    resnet_generator_needs,
+)
+_S = NetSpec(
+    {
+        "in_channels": (1, WHOLE_1),
+        "features": (32, WHOLE_1),
+        "depth": (5, Rule(whole=True, low=2)),
+        "num_res_units": (2, WHOLE_0),
+        "dropout": (0.3, PROBABILITY),
+    },
+    "depth",
+    segmentor_needs,
+)
+NETS: dict[str, NetSpec] = {
+    "phs.nets.PatchDiscriminator": _D,
+    "phs.nets.discriminator.PatchDiscriminator": _D,
+    "phs.nets.ResnetGenerator": _G,
+    "phs.nets.resnet.ResnetGenerator": _G,
+    "phs.nets.Segmentor": _S,
+    "phs.nets.unet.Segmentor": _S,
+}
+
+
+def targets(cfg: DictConfig, key: str) -> Iterator[tuple[str, DictConfig]]:
+    """``(key, node)`` of every node with a ``_target_`` at or under ``key``."""
+    node = _select(cfg, key)
+    if not isinstance(node, DictConfig):
+        return
+    if "_target_" in node:
+        yield key, node
+    for name in node:
+        if isinstance(node.get(name), DictConfig):
+            yield from targets(cfg, f"{key}.{name}")
+
+
+def check_networks(cfg: DictConfig) -> None:
+    """The size arguments of every phs network in ``model`` (as the shipped model configs and
+    user configs name them by ``_target_``), and the slices each takes."""
+    size = slice_size(cfg)
+    for key, node in targets(cfg, "model"):
+        spec = NETS.get(str(node.get("_target_")))
+        if spec is None:
+            continue
+        args = {}
+        for name, (default, rule) in spec.args.items():
+            check_number(cfg, f"{key}.{name}", rule)
+            args[name] = node.get(name, default)
+        needs = spec.needs(**args)
+        problem = size and needs.problem(*size)
+        if not problem:
+            continue
+        which, value = origin(cfg, f"{key}.{spec.size}"), args[spec.size]
+        smaller = range(value - 1, int(spec.args[spec.size][1].low or 0) - 1, -1)
+        fits = [v for v in smaller if spec.needs(**{**args, spec.size: v}).problem(*size) is None]
+        fix = "larger slices"
+        if problem.startswith("slice sides"):
+            fix = f"sides divisible by {needs.multiple}"
+        use = f"use {which}<={fits[0]} or {fix}" if fits else f"use {fix}"
+        raise PhsError(
+            f"{which}={value} needs {problem}; data.preprocess.slice_size is "
+            f"{size[0]} x {size[1]}: {use}"
+        )
+
+
+# -- the metric a sweep optimises --------------------------------------------------------------
+OUTPUTS = ("pseudo_healthy", "mask", "reconstruction")  # what a method's synthesize may return
+
+
+def validation_metrics(method: type) -> list[str]:
+    """The ``val/<name>`` metrics a run of ``method`` (a :class:`phs.methods.PHSMethod`) logs:
+    what :meth:`phs.evaluation.Evaluator.slice_metrics` computes from the outputs its
+    ``visual_names`` show (``residual`` is pseudo_healthy's), with a ground truth (the phantom,
+    or ``<stem>_healthy`` images). Imports torch."""
+    import torch
+
+    from phs.evaluation import Evaluator
+
+    shown = set(method.visual_names)
+    outputs = [k for k in OUTPUTS if k in shown or (k == "pseudo_healthy" and "residual" in shown)]
+    x = torch.full((1, 1, 16, 16), 0.5)  # (MS-SSIM's window needs 11 pixels)
+    batch = {"x_p": x, "m_p": torch.zeros_like(x), "x_gt": x}
+    return sorted(f"val/{k}" for k in Evaluator().slice_metrics(batch, dict.fromkeys(outputs, x)))
+
+
+def method_class(target: Any) -> type | None:
+    """The class a ``_target_`` names, or None where it does not import (instantiate says why)."""
+    module, _, name = str(target).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def check_metrics(cfg: DictConfig) -> None:
+    """``optimized_metric`` and every callback's ``monitor`` name a metric the method logs (its
+    validation metrics, ``train/<loss term>``, ``train/score/...``), not a typo that a sweeper
+    finds as None after the whole training."""
+    wanted = [("optimized_metric", _select(cfg, "optimized_metric"))]
+    callbacks = _select(cfg, "callbacks")
+    for name in callbacks if isinstance(callbacks, DictConfig) else ():
+        if isinstance(callbacks.get(name), DictConfig):
+            wanted.append((f"callbacks.{name}.monitor", callbacks[name].get("monitor")))
+    wanted = [(k, v) for k, v in wanted if v not in (None, _UNSET)]
+    if not wanted:
+        return
+    method = method_class(_select(cfg, "model._target_"))
+    if method is None or not hasattr(method, "visual_names"):
+        return
+    allowed = validation_metrics(method)
+    losses = [f"train/{n}" for n in getattr(method, "loss_names", ())]
+    for key, metric in wanted:
+        if metric in allowed or metric in losses or str(metric).startswith("train/score/"):
+            continue
+        monitor = getattr(method, "monitor", ("",))[0]
+        raise PhsError(
+            f"{key}={metric} is not a metric {method.__name__} logs: use one of "
+            f"{', '.join(allowed)} (validation), train/<loss term> or null (its checkpoint "
+            f"monitor, {monitor})"
+        )
+
+
+# -- devices --------------------------------------------------------------------------------------
+def check_accelerator(
+    accelerator: Any, key: str, hint: str, devices: Any = None, devices_key: str = "devices"
+) -> None:
+    """A GPU ``accelerator`` (``gpu``, ``cuda``; ``key`` in messages, ``hint`` the way out)
+    needs a visible CUDA GPU (or Apple's MPS for ``gpu``), and as many as a whole number of
+    ``devices``. Imports torch only for a GPU accelerator."""
+    name = str(accelerator).lower()
+    if name not in ("gpu", "cuda"):
+        return
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if name == "gpu" and torch.backends.mps.is_available():
+        return
+    if n == 0:
+        build = "a CPU build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise PhsError(
+            f"{key}={accelerator}, but no CUDA GPU is visible (torch {torch.__version__}, "
+            f"{build}): use {hint}"
+        )
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > n:
+        raise PhsError(
+            f"{devices_key}={devices}, but {n} CUDA GPU(s) are visible: use {devices_key}<={n}"
+        )
+
+
+# -- the apps -------------------------------------------------------------------------------------
+def check_config(cfg: DictConfig) -> None:
+    """Every check of a training config but the devices': numbers, slices, networks, metrics."""
+    check_numbers(cfg)
+    check_networks(cfg)
+    check_metrics(cfg)
+
+
+def check_train(cfg: DictConfig) -> None:
+    """A ``phs.train`` config (conf/train.yaml), before any work: :func:`check_config`, then a
+    GPU accelerator's devices (docs/operations.md, "Checked before any work")."""
+    check_config(cfg)
+    check_accelerator(
+        _select(cfg, "trainer.accelerator"),
+        "trainer.accelerator",
+        "trainer=cpu or trainer.accelerator=auto",
+        devices=_select(cfg, "trainer.devices"),
+        devices_key="trainer.devices",
+    )
+
+
+def check_evaluate(cfg: Mapping[str, Any]) -> None:
+    """A ``phs.evaluate`` config (conf/evaluate.yaml): its seed and accelerator."""
+    seed = cfg.get("seed")
+    if not NUMBERS["seed"].allows(seed):
+        raise PhsError(f"seed must be {NUMBERS['seed']}, not {seed!r}")
+    accelerator = cfg.get("accelerator")
+    check_accelerator(accelerator, "accelerator", "accelerator=cpu or accelerator=auto")
