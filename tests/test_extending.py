@@ -130,6 +130,34 @@ def test_the_users_method_trains_is_evaluated_applied_and_joins_table1(
     assert re.search(r"\| dae \| \**\d", (repro / "table1.md").read_text())
 
 
+def test_the_pages_optuna_search_over_the_methods_own_options_runs(
+    lab: Path, brats_root: Path, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    p = _run(
+        [
+            "phs.train",
+            f"hydra.searchpath=[file://{lab}/mylab_conf]",
+            "model=dae",
+            "hparams_search=dae_optuna",
+            "debug=tiny",
+            "trainer.max_steps=2",
+            "+trainer.val_check_interval=1",  # a validation value for the sweeper
+            "hydra.sweeper.n_trials=2",
+            "data=brats",
+            f"data.root={brats_root}",
+            "data.split.test_fraction=0.4",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        lab,
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = (sweep / "optimization_results.yaml").read_text()
+    assert "model.noise_std" in result and "best_value" in result
+    assert "lambda_cc" not in p.stdout + p.stderr  # the proposed methods' keys stay out
+
+
 def test_without_the_search_path_the_users_method_is_refused(lab: Path, tmp_path: Path) -> None:
     p = _run(["phs.reproduce", "methods=[cgan,dae]", TINY], lab, tmp_path)
     assert p.returncode == 2 and "methods must name" in p.stderr and "dae" in p.stderr

@@ -434,7 +434,11 @@ class TrainSlices(Dataset):
         self.vol_end = torch.searchsorted(vol, vol, right=True)
         self.single_volume = bool((self.vol_end - self.vol_start == len(self.p_idx)).all())
         if self.single_volume:
-            log.warning("one training volume only: real masks come from the same volume")
+            log.warning(
+                "the training split's pathological slices all come from one volume (%d slices): "
+                "the real masks of unpaired training (m_real) come from that same volume",
+                len(self.p_idx),
+            )
         self._start, self._end = self.vol_start.tolist(), self.vol_end.tolist()
         self._p, self._h = self.p_idx.tolist(), self.h_idx.tolist()
         self.aug = SliceAugment(augment)
