@@ -3,18 +3,18 @@ and what it allows, instead of a traceback after data generation, model building
 
 :func:`check_train` runs first in :func:`phs.runs.train` (so in every training of
 ``phs.reproduce`` and ``phs.ablate`` too), :func:`check_evaluate` first in ``phs.evaluate``.
-Plain Python and OmegaConf at import. torch loads only after the config checks, and only where
-a check cannot do without it: a GPU accelerator (:func:`check_accelerator`), and
-``optimized_metric`` or a checkpoint ``monitor`` (:func:`validation_metrics` reads the method
-class and runs the evaluator).
+``phs.train`` also runs :func:`check_train` before torch loads, so these errors are instant.
+Plain Python and OmegaConf at import; torch loads only for a GPU accelerator
+(:func:`check_accelerator`). Once the method is built, :func:`check_method` runs its
+``synthesize`` on one synthetic slice: its outputs, and the metrics ``optimized_metric`` and the
+checkpoint monitors may name.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -288,61 +288,65 @@ def check_networks(cfg: DictConfig) -> None:
         )
 
 
-# -- the metric a sweep optimises --------------------------------------------------------------
-OUTPUTS = ("pseudo_healthy", "mask", "reconstruction")  # what a method's synthesize may return
-
-
-def validation_metrics(method: type) -> list[str]:
-    """The ``val/<name>`` metrics a run of ``method`` (a :class:`phs.methods.PHSMethod`) logs:
-    what :meth:`phs.evaluation.Evaluator.slice_metrics` computes from the outputs its
-    ``visual_names`` show (``residual`` is pseudo_healthy's), with a ground truth (the phantom,
-    or ``<stem>_healthy`` images). Imports torch."""
+# -- the method: its outputs and the metric a sweep optimises --------------------------------------
+def validation_metrics(outputs: Iterable[str]) -> list[str]:
+    """The ``val/<name>`` metrics a method whose ``synthesize`` returns ``outputs`` logs: what
+    :meth:`phs.evaluation.Evaluator.slice_metrics` computes from them, with a ground truth (the
+    phantom, or ``<stem>_healthy`` images). Imports torch."""
     import torch
 
     from phs.evaluation import Evaluator
 
-    shown = set(method.visual_names)
-    outputs = [k for k in OUTPUTS if k in shown or (k == "pseudo_healthy" and "residual" in shown)]
     x = torch.full((1, 1, 16, 16), 0.5)  # (MS-SSIM's window needs 11 pixels)
     batch = {"x_p": x, "m_p": torch.zeros_like(x), "x_gt": x}
     return sorted(f"val/{k}" for k in Evaluator().slice_metrics(batch, dict.fromkeys(outputs, x)))
 
 
-def method_class(target: Any) -> type | None:
-    """The class a ``_target_`` names, or None where it does not import (instantiate says why)."""
-    module, _, name = str(target).rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
-
-
-def check_metrics(cfg: DictConfig) -> None:
-    """``optimized_metric`` and every callback's ``monitor`` name a metric the method logs (its
-    validation metrics, ``train/<loss term>``, ``train/score/...``), not a typo that a sweeper
-    finds as None after the whole training."""
+def check_metrics(cfg: DictConfig, method: Any, outputs: Iterable[str]) -> None:
+    """``optimized_metric``, every callback's ``monitor`` and the method's own ``monitor`` name a
+    metric ``method`` logs (its validation metrics for ``outputs``, ``train/<loss term>``,
+    ``train/score/...``), not a typo that a sweeper finds as None after the whole training."""
+    own = getattr(method, "monitor", (None,))[0]
     wanted = [("optimized_metric", _select(cfg, "optimized_metric"))]
     callbacks = _select(cfg, "callbacks")
     for name in callbacks if isinstance(callbacks, DictConfig) else ():
         if isinstance(callbacks.get(name), DictConfig):
             wanted.append((f"callbacks.{name}.monitor", callbacks[name].get("monitor")))
-    wanted = [(k, v) for k, v in wanted if v not in (None, _UNSET)]
-    if not wanted:
-        return
-    method = method_class(_select(cfg, "model._target_"))
-    if method is None or not hasattr(method, "visual_names"):
-        return
-    allowed = validation_metrics(method)
+    wanted.append((f"{type(method).__name__}.monitor", own))
+    allowed = validation_metrics(outputs)
     losses = [f"train/{n}" for n in getattr(method, "loss_names", ())]
     for key, metric in wanted:
-        if metric in allowed or metric in losses or str(metric).startswith("train/score/"):
+        if metric in (None, _UNSET) or metric in allowed or metric in losses:
             continue
-        monitor = getattr(method, "monitor", ("",))[0]
+        if str(metric).startswith("train/score/"):
+            continue
+        default = f"or null (its checkpoint monitor, {own})" if own in allowed else ""
         raise PhsError(
-            f"{key}={metric} is not a metric {method.__name__} logs: use one of "
-            f"{', '.join(allowed)} (validation), train/<loss term> or null (its checkpoint "
-            f"monitor, {monitor})"
+            f"{key}={metric} is not a metric {type(method).__name__} logs: use one of "
+            f"{', '.join(allowed)} (validation), train/<loss term> {default}".rstrip()
         )
+
+
+def check_method(cfg: DictConfig, method: Any) -> None:
+    """The built method's ``synthesize`` on one synthetic slice of the configured size, before
+    any data work: its contract (:meth:`phs.methods.base.PHSMethod.check_outputs`: names and
+    shapes) and, from the outputs it returns, the metrics :func:`check_metrics` accepts. The
+    model's state, mode and the random streams are left as they were."""
+    import torch
+
+    h, w = slice_size(cfg) or (64, 64)
+    x = torch.zeros(1, 1, h, w)
+    x[..., h // 4 : h - h // 4, w // 4 : w - w // 4] = 0.5  # a square of "brain"
+    training, checked = method.training, getattr(method, "_range_checked", False)
+    method._range_checked = True  # the range warning is for real slices, in validation
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            method.eval()
+            outputs = list(method.infer(x))
+    finally:
+        method.train(training)
+        method._range_checked = checked
+    check_metrics(cfg, method, outputs)
 
 
 # -- devices --------------------------------------------------------------------------------------
@@ -374,10 +378,10 @@ def check_accelerator(
 
 # -- the apps -------------------------------------------------------------------------------------
 def check_config(cfg: DictConfig) -> None:
-    """Every check of a training config but the devices': numbers, slices, networks, metrics."""
+    """Every check of a training config but the devices': numbers, slices, networks (the
+    method's outputs and metrics, once it is built: :func:`check_method`)."""
     check_numbers(cfg)
     check_networks(cfg)
-    check_metrics(cfg)
 
 
 def check_train(cfg: DictConfig) -> None:

@@ -20,7 +20,7 @@ from phs.checkpoint import load_method
 from phs.errors import PhsError
 from phs.evaluation import Evaluator, Summary, write_metrics
 from phs.methods import PHSMethod
-from phs.preflight import check_train
+from phs.preflight import check_method, check_train
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ def train(cfg: DictConfig) -> float | None:
     out_dir = Path(cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.data)
     model: PHSMethod = hydra.utils.instantiate(cfg.model)
+    check_method(cfg, model)  # its outputs and the metrics the config names, before any data work
     model.phs_config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)

@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from phs.cli import friendly_errors
+from phs.preflight import check_train
 
 
 def __getattr__(name: str) -> Any:
@@ -30,6 +31,7 @@ def __getattr__(name: str) -> Any:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    friendly_errors(check_train)(cfg)  # a bad config answers before torch loads
     return __getattr__("train")(cfg)
 
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import MODELS, REPO, build, compose_config, tiny_config
@@ -295,7 +296,19 @@ def test_network_defaults_are_the_classes(target: str) -> None:
         assert params[name].default == default, (target, name)
 
 
-# -- the metric a sweep optimises ------------------------------------------------------------------------
+# -- the built method: its outputs and the metric a sweep optimises ---------------------------------------
+def method_refused(*overrides: str, method: Any = None) -> str:
+    """The message :func:`phs.preflight.check_method` refuses the built ``debug=tiny`` method
+    (or ``method``) with."""
+    import hydra
+
+    cfg = compose_config("train", "debug=tiny", *overrides)
+    preflight.check_train(cfg)
+    with pytest.raises(PhsError) as err:
+        preflight.check_method(cfg, method or hydra.utils.instantiate(cfg.model))
+    return str(err.value)
+
+
 @pytest.mark.parametrize(
     ("overrides", "start"),
     [
@@ -310,13 +323,13 @@ def test_network_defaults_are_the_classes(target: str) -> None:
     ],
 )
 def test_a_metric_the_method_never_logs_is_refused(overrides: list[str], start: str) -> None:
-    message = refused(*overrides)
+    message = method_refused(*overrides)
     assert message.startswith(start), message
     assert "logs: use one of " in message and "or null (its checkpoint monitor, val/" in message
 
 
 def test_the_metric_message_lists_what_the_method_logs() -> None:
-    assert refused("model=cgan", "optimized_metric=val/dice") == (
+    assert method_refused("model=cgan", "optimized_metric=val/dice") == (
         "optimized_metric=val/dice is not a metric ConditionalGAN logs: use one of "
         "val/identity, val/mae_lesion, val/mae_outside, val/psnr_lesion, val/psnr_lesion_input, "
         "val/psnr_outside, val/texture_lesion (validation), train/<loss term> or null (its "
@@ -328,7 +341,63 @@ def test_the_metric_message_lists_what_the_method_logs() -> None:
     "metric", ["val/dice", "val/psnr_lesion", "val/identity", "train/loss", "train/cc"]
 )
 def test_metrics_the_method_logs_pass(metric: str) -> None:
-    preflight.check_train(compose_config("train", "debug=tiny", f"optimized_metric={metric}"))
+    import hydra
+
+    cfg = compose_config("train", "debug=tiny", f"optimized_metric={metric}")
+    preflight.check_method(cfg, hydra.utils.instantiate(cfg.model))
+
+
+def test_the_metrics_follow_what_synthesize_returns_not_visual_names() -> None:
+    """A user's method: the accepted metrics are those of the outputs ``synthesize`` returns
+    (docs/extending.md), whatever ``visual_names`` shows; a typo in its own ``monitor`` and a
+    broken output are refused before any data work."""
+    import hydra
+    import torch
+
+    cfg = compose_config("train", "debug=tiny", "model=proposed_paired")
+    base = hydra.utils.instantiate(cfg.model)
+    cls = type(base)
+
+    def variant(klass: type) -> Any:
+        m = klass.__new__(klass)
+        m.__dict__ = base.__dict__.copy()
+        return m
+
+    class FewVisuals(cls):  # returns a mask, does not show it
+        visual_names = ("x_p", "pseudo_healthy")
+
+    class NoMask(cls):  # shows the base class's visuals (mask among them), returns no mask
+        def synthesize(self, x_p):
+            return {"pseudo_healthy": super().synthesize(x_p)["pseudo_healthy"]}
+
+    class MonitorTypo(cls):
+        monitor = ("val/dicee", "max")
+
+    class Cropped(cls):
+        def synthesize(self, x_p):
+            return {"pseudo_healthy": x_p[..., 1:]}
+
+    over = compose_config(
+        "train", "debug=tiny", "model=proposed_paired", "optimized_metric=val/dice"
+    )
+    preflight.check_method(over, variant(FewVisuals))
+    msg = method_refused(
+        "model=proposed_paired", "optimized_metric=val/dice", method=variant(NoMask)
+    )
+    assert msg.startswith("optimized_metric=val/dice is not a metric NoMask logs")
+    assert "val/dice" not in msg.split("use one of ")[1]
+    msg = method_refused("model=proposed_paired", method=variant(MonitorTypo))
+    assert msg.startswith("MonitorTypo.monitor=val/dicee is not a metric MonitorTypo logs")
+    msg = method_refused("model=proposed_paired", method=variant(Cropped))
+    assert msg.startswith("Cropped.synthesize returned 'pseudo_healthy' of shape (1, 1, 40, 31)")
+
+    # the check leaves the method as it was: weights, train mode, the random streams
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    base.train()
+    rng = torch.get_rng_state()
+    preflight.check_method(cfg, base)
+    assert base.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -349,7 +418,8 @@ def test_validation_metrics_are_what_a_validation_run_logs(
     )
     trainer.validate(method, datamodule=dm, verbose=False)
     logged = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
-    assert logged == preflight.validation_metrics(type(method))
+    x_p = next(iter(dm.val_dataloader()))["x_p"]
+    assert logged == preflight.validation_metrics(method.infer(x_p))
     assert method.monitor[0] in logged
 
 
@@ -417,3 +487,6 @@ def test_every_shipped_configuration_passes(overrides: list[str]) -> None:
     preflight.check_config(cfg)
     if cfg.trainer.accelerator not in ("gpu", "cuda") or cuda():
         preflight.check_train(cfg)
+    import hydra
+
+    preflight.check_method(cfg, hydra.utils.instantiate(cfg.model))  # its outputs and monitor
