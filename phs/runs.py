@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from phs.checkpoint import load_method
+from phs.checkpoint import check_importable, load_method
 from phs.errors import PhsError
 from phs.evaluation import Evaluator, Summary, write_metrics
 from phs.methods import PHSMethod
@@ -87,6 +87,17 @@ def _override(value: Any) -> str:
     return str(value)
 
 
+def targets(node: Any, key: str) -> list[tuple[str, str]]:
+    """Every ``(key, _target_)`` in a config node, depth first."""
+    found = []
+    if isinstance(node, DictConfig):
+        if isinstance(node.get("_target_"), str):
+            found.append((key, node._target_))
+        for k in node:
+            found += targets(node.get(k), f"{key}.{k}")
+    return found
+
+
 def check_resume(cfg: DictConfig, ckpt_path: str) -> None:
     """A one-line error, before any work, when ``ckpt_path`` cannot continue under ``cfg``: its
     networks, options or preprocessing differ (the overrides that restore them are named), or
@@ -134,12 +145,20 @@ def train(cfg: DictConfig) -> float | None:
     ``metrics.json``, ``test_metrics.csv`` and ``test_samples.png``."""
     check_train(cfg)  # a bad config: one line naming the key, before any work
     print(OmegaConf.to_yaml(cfg, resolve=True))
+    out_dir = Path(cfg.paths.output_dir)
     if cfg.get("ckpt_path"):
         check_resume(cfg, cfg.ckpt_path)
+        own = Path(str(cfg.ckpt_path)).expanduser().resolve().parent.parent
+        if own != out_dir.resolve() and (own / "checkpoints").is_dir():
+            log.warning(
+                "resuming %s into a new run folder %s; hydra.run.dir=%s continues in the run's "
+                "own folder (its .hydra/ and csv/ history)", cfg.ckpt_path, out_dir, own,
+            )  # fmt: skip
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    out_dir = Path(cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.data)
+    for key, target in targets(cfg.model, "model"):  # a user's class: PYTHONPATH, typos
+        check_importable(target, f"{key}._target_")
     model: PHSMethod = hydra.utils.instantiate(cfg.model)
     check_method(cfg, model)  # its outputs and the metrics the config names, before any data work
     model.phs_config = OmegaConf.to_container(cfg, resolve=True)

@@ -158,6 +158,28 @@ def test_the_pages_optuna_search_over_the_methods_own_options_runs(
     assert "lambda_cc" not in p.stdout + p.stderr  # the proposed methods' keys stay out
 
 
+def test_train_names_a_class_it_cannot_import(lab: Path, tmp_path: Path) -> None:
+    """No PYTHONPATH, or a misspelled class: one line saying which, before any data work."""
+    sp = f"hydra.searchpath=[file://{lab}/mylab_conf]"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HYDRA_FULL_ERROR")}
+    env["PHS_CACHE_DIR"] = str(tmp_path / "cache")
+    for extra, said, pythonpath in (
+        ([], "model._target_ is mylab.dae.DenoisingAE, but 'mylab.dae' cannot be imported", None),
+        (
+            ["model._target_=mylab.dae.DenoisingAEE"],
+            "module 'mylab.dae' has no 'DenoisingAEE'",
+            lab,
+        ),
+    ):
+        run_env = {**env, **({"PYTHONPATH": str(pythonpath)} if pythonpath else {})}
+        p = subprocess.run(
+            [sys.executable, "-m", "phs.train", sp, "model=dae", "debug=tiny", *extra],
+            cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert p.returncode == 2 and said in p.stderr, p.stderr[-2000:]
+        assert not (tmp_path / "cache").exists()  # before any data work
+
+
 def test_without_the_search_path_the_users_method_is_refused(lab: Path, tmp_path: Path) -> None:
     p = _run(["phs.reproduce", "methods=[cgan,dae]", TINY], lab, tmp_path)
     assert p.returncode == 2 and "methods must name" in p.stderr and "dae" in p.stderr

@@ -210,7 +210,10 @@ def test_fast_dev_run(name: str, brats_root: Path, tmp_path: Path) -> None:
 
 
 def test_resume_from_last_checkpoint(
-    brats_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    brats_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     train(
         tiny_config(
@@ -260,6 +263,15 @@ def test_resume_from_last_checkpoint(
             train(cfg)
         assert said in capsys.readouterr().err
     assert torch.load(last, weights_only=False)["global_step"] == 5
+    # into another folder: allowed, and said (the run's own .hydra/ and csv/ stay behind)
+    elsewhere = tmp_path / "elsewhere"
+    cfg = tiny_config(
+        tmp_path, brats_root, "model=proposed_unpaired", f"ckpt_path={last}",
+        "trainer.max_steps=6", "test=false", f"paths.output_dir={elsewhere}",
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="phs.runs"):
+        train(cfg)
+    assert f"into a new run folder {elsewhere}; hydra.run.dir={tmp_path / 'run'}" in caplog.text
 
 
 def test_non_finite_loss_stops_before_touching_the_weights(
@@ -362,7 +374,7 @@ def test_linear_lr_decay_schedule_and_what_a_run_ends_with(
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4
     groups = [g for state in ckpt["optimizer_states"] for g in state["param_groups"]]
-    assert len(groups) == 3  # G/S/R, D_x, D_m
+    assert [g["name"] for g in groups] == ["generators", "d_x", "d_m"]  # lr-Adam/<name> logged
     for g in groups:  # the last batch (step 3 of 4) ran at half the rate
         assert g["initial_lr"] == cfg.model.optimizer.lr
         assert g["lr"] == pytest.approx(0.5 * g["initial_lr"])

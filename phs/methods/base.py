@@ -173,8 +173,10 @@ class PHSMethod(pl.LightningModule):
                 f"{[(name, is_d) for name, _, is_d in groups]}"
             )
         return [
-            (self.optimizer_d_factory if is_d else self.optimizer_factory)(params=list(params))
-            for _, params, is_d in self.optimizer_groups()
+            (self.optimizer_d_factory if is_d else self.optimizer_factory)(
+                params=[{"params": list(params), "name": name}]  # lr-Adam/<name> on dashboards
+            )
+            for name, params, is_d in groups
         ]
 
     def optimize(
