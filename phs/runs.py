@@ -139,11 +139,29 @@ def keep_csv_history(loggers: list[Any]) -> None:
                 log.info("resuming: the metrics logged so far are in %s", earlier)
 
 
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's advertising ("💡 Tip: ... try installing litlogger") and its internal
+    deprecation warning about torch's ``LeafSpec``, printed by every run; nothing of phs's."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in lg.filters):
+            lg.addFilter(_NoTips())
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit and test one method into ``cfg.paths.output_dir``; returns the monitored validation
     metric (for sweepers). Writes ``checkpoints/``, ``datalist.json`` and, with ``test``,
     ``metrics.json``, ``test_metrics.csv`` and ``test_samples.png``."""
     check_train(cfg)  # a bad config: one line naming the key, before any work
+    quiet_lightning()
     print(OmegaConf.to_yaml(cfg, resolve=True))
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("ckpt_path"):
@@ -260,6 +278,7 @@ def evaluate_checkpoint(
     split = {"val": "validation"}.get(split, split)
     if split not in ("test", "validation"):
         raise PhsError(f"split must be 'test' or 'validation', not '{split}'")
+    quiet_lightning()
     model, run_cfg = load_method(ckpt_path)
     if segmentor_ckpt:
         model.attach_f_pre(load_f_pre(segmentor_ckpt, run_cfg))

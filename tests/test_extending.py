@@ -85,6 +85,7 @@ def test_the_users_method_trains_is_evaluated_applied_and_joins_table1(
         ["phs.train", sp, "model=dae", "debug=tiny", *data, f"hydra.run.dir={run}"], lab, tmp_path
     )
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "💡" not in p.stdout + p.stderr and "LeafSpec" not in p.stderr  # Lightning's noise
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"identity", "psnr_lesion", "anomaly_residual_auprc"} <= set(metrics)
     assert "dice" not in metrics  # no mask: the metrics follow what synthesize returns
