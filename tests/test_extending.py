@@ -75,7 +75,7 @@ def test_every_command_of_the_page_composes_with_its_files(lab: Path) -> None:
         check_command(f"python -m phs.reproduce {sp} 'methods=[cgan,nope]'")
 
 
-def test_the_users_method_trains_is_evaluated_applied_and_joins_table1(
+def test_the_users_method_trains_is_evaluated_and_applied(
     lab: Path, brats_root: Path, tmp_path: Path
 ) -> None:
     sp = f"hydra.searchpath=[file://{lab}/mylab_conf]"
@@ -117,7 +117,13 @@ def test_the_users_method_trains_is_evaluated_applied_and_joins_table1(
     assert p.returncode == 2 and "'mylab.dae' cannot be imported" in p.stderr, p.stderr[-2000:]
     assert "PYTHONPATH" in p.stderr and "Traceback" not in p.stderr
 
-    # phs.reproduce finds the method through the search path and trains it with the others
+
+@pytest.mark.slow
+def test_the_users_method_joins_table1(lab: Path, brats_root: Path, tmp_path: Path) -> None:
+    """phs.reproduce finds the method through the search path and trains it with the others
+    (slow: f_pre and two methods trained; the default suite composes this command)."""
+    sp = f"hydra.searchpath=[file://{lab}/mylab_conf]"
+    data = ["data=brats", f"data.root={brats_root}", "data.split.test_fraction=0.4"]
     repro = tmp_path / "repro"
     p = _run(
         ["phs.reproduce", sp, "methods=[cgan,dae]", TINY, *data, f"hydra.run.dir={repro}"],
@@ -131,6 +137,7 @@ def test_the_users_method_trains_is_evaluated_applied_and_joins_table1(
     assert re.search(r"\| dae \| \**\d", (repro / "table1.md").read_text())
 
 
+@pytest.mark.slow
 def test_the_pages_optuna_search_over_the_methods_own_options_runs(
     lab: Path, brats_root: Path, tmp_path: Path
 ) -> None:
