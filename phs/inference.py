@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,10 +169,25 @@ def synthesize_case(
         write_nifti(case_dir / "pathology_prob.nii.gz", prob, ref, np.float32)
         write_nifti(case_dir / "pathology_mask.nii.gz", (prob > cfg.threshold), ref, np.uint8)
         written += ["pathology_prob.nii.gz", "pathology_mask.nii.gz"]
+        found = lesion_summary(prob > cfg.threshold, ref.header.get_zooms()[:3])
     if cfg.preview:
         save_preview(case_dir / "preview.png", norm, outs, case["case"])
         written.append("preview.png")
-    return {"case": case["case"], "outputs": sorted(written)}
+    return {
+        "case": case["case"],
+        "outputs": sorted(written),
+        **(found if "pathology_prob" in back else {}),
+    }
+
+
+def lesion_summary(mask: np.ndarray, zooms: Sequence[float]) -> dict[str, float | int]:
+    """The pathology mask's volume in millilitres (voxel size from the header, mm) and its
+    number of lesions (26-connected components)."""
+    from scipy import ndimage
+
+    _, n = ndimage.label(mask, np.ones((3, 3, 3), bool))
+    voxel_ml = float(np.prod([float(z) for z in zooms])) / 1000.0
+    return {"lesion_volume_ml": round(float(mask.sum()) * voxel_ml, 3), "n_lesions": int(n)}
 
 
 def save_preview(path: Path, norm: torch.Tensor, outs: dict[str, torch.Tensor], title: str) -> None:

@@ -75,12 +75,20 @@ def is_done(case_dir: Path, record: dict[str, Any]) -> bool:
         done = json.loads((case_dir / DONE).read_text())
     except (OSError, ValueError):
         return False
-    outputs = done.pop("outputs", None) if isinstance(done, dict) else None
+    if not isinstance(done, dict):
+        return False
+    outputs = done.get("outputs")
     return (
-        done == record
+        all(done.get(k) == v for k, v in record.items())
         and isinstance(outputs, list)
         and all((case_dir / name).is_file() for name in outputs)
     )
+
+
+def lesions(done: dict[str, Any]) -> dict[str, Any]:
+    """A case's name, pathology volume (mL) and number of lesions, from its record."""
+    keys = ("case", "lesion_volume_ml", "n_lesions")
+    return {k: done[k] for k in keys if k in done}
 
 
 def forget_case(case_dir: Path) -> set[str]:
@@ -121,13 +129,14 @@ def run(cfg: DictConfig) -> int:
     model, pre, device, trained_on = load_for_inference(cfg.ckpt_path, cfg.device)
     if modality is None and trained_on.lower() != "flair":  # a dataset folder: that modality
         cases = find_images(cfg.input, trained_on)
-    failed, kept = [], []
+    failed, kept, found = [], [], []
     bar = progress("synthesizing", total=len(cases))
     with bar as advance:
         for case in cases:
             record = case_record(case, cfg)
             if cfg.resume and is_done(out_dir / case["case"], record):
                 kept.append(case["case"])
+                found.append(lesions(json.loads((out_dir / case["case"] / DONE).read_text())))
                 advance()
                 continue
             before = forget_case(out_dir / case["case"])
@@ -141,13 +150,20 @@ def run(cfg: DictConfig) -> int:
             else:  # written last: a case cut short by a crash has no record and is redone
                 for name in before - set(done["outputs"]):  # phs's own outputs of another run
                     (out_dir / case["case"] / name).unlink(missing_ok=True)
-                write_json(out_dir / case["case"] / DONE, {**record, "outputs": done["outputs"]})
+                write_json(out_dir / case["case"] / DONE, {**record, **done})
+                found.append(lesions(done))
+                if "n_lesions" in done:
+                    bar.print(
+                        f"{case['case']}: {done['lesion_volume_ml']:g} mL of pathology in "
+                        f"{done['n_lesions']} lesion(s)"
+                    )
             advance()
     report = {
         "checkpoint": str(cfg.ckpt_path),
         "n_cases": len(cases),
         "kept": kept,
         "failed": failed,
+        "cases": [c for c in found if len(c) > 1],  # the pathology mask's volume and lesions
     }
     write_json(out_dir / "synthesize.json", report)
     again = f" ({len(kept)} kept from an earlier run: resume=false redoes them)" if kept else ""

@@ -69,6 +69,18 @@ def test_outputs_on_the_input_grid(tiny: dict, tmp_path: Path) -> None:
         }
         assert (case_dir / "preview.png").exists()
     assert len(list(out.glob("Brats18_SYN_*"))) == 4
+    # the pathology mask quantified: its volume (mL, from the header's voxel size) and lesions
+    from scipy import ndimage
+
+    cases = json.loads((out / "synthesize.json").read_text())["cases"]
+    assert sorted(c["case"] for c in cases) == sorted(d.name for d in out.glob("Brats18_SYN_*"))
+    for c in cases:
+        img = nib.load(out / c["case"] / "pathology_mask.nii.gz")
+        mask = np.asarray(img.dataobj) > 0
+        voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000
+        assert c["lesion_volume_ml"] == pytest.approx(mask.sum() * voxel_ml, abs=1e-3)
+        assert c["n_lesions"] == ndimage.label(mask, np.ones((3, 3, 3)))[1]
+        assert f"{c['case']}: {c['lesion_volume_ml']:g} mL of pathology" in p.stdout
     assert not list(out.rglob(".*tmp*"))  # no half-written file left
     assert not (tmp_path / "synthesize.log").exists()  # nothing dropped in the working folder
 
@@ -366,7 +378,9 @@ def test_a_rerun_keeps_finished_cases_and_redoes_the_rest(tiny: dict, tmp_path: 
     second = stamps()
     assert second["scan0"] == first["scan0"]
     assert second["scan1"] != first["scan1"] and second["scan2"] != first["scan2"]
-    assert json.loads((out / "synthesize.json").read_text())["kept"] == ["scan0"]
+    report = json.loads((out / "synthesize.json").read_text())
+    assert report["kept"] == ["scan0"]
+    assert [c["case"] for c in report["cases"]] == ["scan0", "scan1", "scan2"]  # kept ones too
     assert "1 kept" in p.stdout
 
     p = synth([*args, "preview=false"], tmp_path)  # other options: every case again
