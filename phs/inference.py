@@ -167,9 +167,11 @@ def synthesize_case(
     if "pathology_prob" in back:
         prob = np.clip(np.where(brain & seen, back["pathology_prob"], 0), 0, 1).reshape(shape)
         write_nifti(case_dir / "pathology_prob.nii.gz", prob, ref, np.float32)
-        write_nifti(case_dir / "pathology_mask.nii.gz", (prob > cfg.threshold), ref, np.uint8)
+        zooms = ref.header.get_zooms()[:3]
+        mask = without_small_lesions(prob > cfg.threshold, zooms, cfg.get("min_lesion_mm3", 0))
+        write_nifti(case_dir / "pathology_mask.nii.gz", mask, ref, np.uint8)
         written += ["pathology_prob.nii.gz", "pathology_mask.nii.gz"]
-        found = lesion_summary(prob > cfg.threshold, ref.header.get_zooms()[:3])
+        found = lesion_summary(mask, zooms)
     if cfg.preview:
         save_preview(case_dir / "preview.png", norm, outs, case["case"])
         written.append("preview.png")
@@ -178,6 +180,19 @@ def synthesize_case(
         "outputs": sorted(written),
         **(found if "pathology_prob" in back else {}),
     }
+
+
+def without_small_lesions(mask: np.ndarray, zooms: Sequence[float], min_mm3: float) -> np.ndarray:
+    """``mask`` without the lesions (26-connected components) smaller than ``min_mm3`` mm³."""
+    if not min_mm3:
+        return mask
+    from scipy import ndimage
+
+    lab, _ = ndimage.label(mask, np.ones((3, 3, 3), bool))
+    size_mm3 = np.bincount(lab.ravel()) * float(np.prod([float(z) for z in zooms]))
+    keep = size_mm3 >= min_mm3
+    keep[0] = False
+    return keep[lab]
 
 
 def lesion_summary(mask: np.ndarray, zooms: Sequence[float]) -> dict[str, float | int]:

@@ -46,12 +46,15 @@ def check_options(cfg: DictConfig) -> None:
         or cfg.batch_size < 1
     ):
         raise PhsError(f"batch_size must be a whole number >= 1, not '{cfg.batch_size}'")
+    small = cfg.get("min_lesion_mm3", 0)
+    if isinstance(small, bool) or not isinstance(small, int | float) or small < 0:
+        raise PhsError(f"min_lesion_mm3 must be a volume in mm³ >= 0 (0: keep all), not '{small}'")
     if not isinstance(cfg.threshold, int | float) or not 0 <= cfg.threshold <= 1:
         raise PhsError(f"threshold must be a probability in [0, 1], not '{cfg.threshold}'")
 
 
 DONE = "synthesize_case.json"  # in each case folder, written once its outputs are complete
-OPTIONS = ("intensity", "threshold", "slices", "preview")  # the options that change the outputs
+OPTIONS = ("intensity", "threshold", "min_lesion_mm3", "slices", "preview")  # they change outputs
 
 
 def _file_id(path: str | Path) -> dict[str, Any]:
@@ -65,7 +68,7 @@ def case_record(case: dict[str, str], cfg: DictConfig) -> dict[str, Any]:
     return {
         "image": _file_id(case["image"]),
         "checkpoint": _file_id(cfg.ckpt_path),
-        "options": {k: cfg[k] for k in OPTIONS},
+        "options": {k: cfg.get(k) for k in OPTIONS},
     }
 
 

@@ -140,6 +140,8 @@ APPS = [
                 "slices=some",
                 "threshold=1.5",
                 "intensity=raw",
+                "min_lesion_mm3=-1",
+                "resume=maybe",
             )
         ),
     ],

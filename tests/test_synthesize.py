@@ -350,6 +350,24 @@ def test_folder_with_one_bad_case(tiny: dict, tmp_path: Path) -> None:
     assert not (out / "broken" / "pseudo_healthy.nii.gz").exists()
 
 
+def test_small_lesions_are_removed_by_volume_in_mm3() -> None:
+    """``min_lesion_mm3``: components (26-connected: diagonal neighbours join) under the volume
+    go, whatever the voxel size; 0 keeps everything."""
+    from phs.inference import lesion_summary, without_small_lesions
+
+    mask = np.zeros((12, 12, 12), bool)
+    mask[1:4, 1:4, 1:4] = True  # 27 voxels
+    mask[8, 8, 8] = mask[9, 9, 9] = True  # 2 voxels touching at a corner: one lesion
+    mask[5, 10, 1] = True  # 1 voxel
+    zooms = (2.0, 2.0, 2.0)  # 8 mm3 per voxel
+    assert lesion_summary(mask, zooms) == {"lesion_volume_ml": 0.24, "n_lesions": 3}
+    assert without_small_lesions(mask, zooms, 0) is mask
+    kept = without_small_lesions(mask, zooms, 16)  # the 8 mm3 voxel goes, the 16 mm3 pair stays
+    assert lesion_summary(kept, zooms) == {"lesion_volume_ml": 0.232, "n_lesions": 2}
+    kept = without_small_lesions(mask, (1.0, 1.0, 1.0), 16)  # at 1 mm only the 27 mm3 cube is left
+    assert kept.sum() == 27 and kept[1:4, 1:4, 1:4].all()
+
+
 def test_a_rerun_keeps_finished_cases_and_redoes_the_rest(tiny: dict, tmp_path: Path) -> None:
     """After a crash, the same command keeps the cases already written (same input, checkpoint
     and options) and redoes the case cut short, a replaced input, and every case whose options
