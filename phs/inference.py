@@ -182,14 +182,21 @@ def synthesize_case(
     }
 
 
+NEIGHBOURS_26 = np.ones((3, 3, 3), bool)  # a lesion: a 26-connected component of the mask
+
+
+def voxel_mm3(zooms: Sequence[float]) -> float:
+    return float(np.prod([float(z) for z in zooms]))
+
+
 def without_small_lesions(mask: np.ndarray, zooms: Sequence[float], min_mm3: float) -> np.ndarray:
     """``mask`` without the lesions (26-connected components) smaller than ``min_mm3`` mm³."""
     if not min_mm3:
         return mask
     from scipy import ndimage
 
-    lab, _ = ndimage.label(mask, np.ones((3, 3, 3), bool))
-    size_mm3 = np.bincount(lab.ravel()) * float(np.prod([float(z) for z in zooms]))
+    lab, _ = ndimage.label(mask, NEIGHBOURS_26)
+    size_mm3 = np.bincount(lab.ravel()) * voxel_mm3(zooms)
     keep = size_mm3 >= min_mm3
     keep[0] = False
     return keep[lab]
@@ -200,9 +207,9 @@ def lesion_summary(mask: np.ndarray, zooms: Sequence[float]) -> dict[str, float 
     number of lesions (26-connected components)."""
     from scipy import ndimage
 
-    _, n = ndimage.label(mask, np.ones((3, 3, 3), bool))
-    voxel_ml = float(np.prod([float(z) for z in zooms])) / 1000.0
-    return {"lesion_volume_ml": round(float(mask.sum()) * voxel_ml, 3), "n_lesions": int(n)}
+    _, n = ndimage.label(mask, NEIGHBOURS_26)
+    volume_ml = float(mask.sum()) * voxel_mm3(zooms) / 1000.0
+    return {"lesion_volume_ml": round(volume_ml, 3), "n_lesions": int(n)}
 
 
 def save_preview(path: Path, norm: torch.Tensor, outs: dict[str, torch.Tensor], title: str) -> None:

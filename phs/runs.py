@@ -20,7 +20,7 @@ from phs.checkpoint import check_importable, load_method
 from phs.errors import PhsError
 from phs.evaluation import Evaluator, Summary, write_metrics
 from phs.methods import PHSMethod
-from phs.preflight import check_method, check_train
+from phs.preflight import check_method, check_train, targets
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +85,6 @@ def _override(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
     return str(value)
-
-
-def targets(node: Any, key: str) -> list[tuple[str, str]]:
-    """Every ``(key, _target_)`` in a config node, depth first."""
-    found = []
-    if isinstance(node, DictConfig):
-        if isinstance(node.get("_target_"), str):
-            found.append((key, node._target_))
-        for k in node:
-            found += targets(node.get(k), f"{key}.{k}")
-    return found
 
 
 def check_resume(cfg: DictConfig, ckpt_path: str) -> None:
@@ -175,8 +164,8 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
-    for key, target in targets(cfg.model, "model"):  # a user's class: PYTHONPATH, typos
-        check_importable(target, f"{key}._target_")
+    for key, node in targets(cfg, "model"):  # a user's class: PYTHONPATH, typos
+        check_importable(node._target_, f"{key}._target_")
     model: PHSMethod = hydra.utils.instantiate(cfg.model)
     check_method(cfg, model)  # its outputs and the metrics the config names, before any data work
     model.phs_config = OmegaConf.to_container(cfg, resolve=True)

@@ -36,7 +36,7 @@ def check_options(cfg: DictConfig) -> None:
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise PhsError(f"{key} must be one of {', '.join(allowed)}, not '{cfg[key]}'")
-    if not isinstance(cfg.get("resume", True), bool):
+    if not isinstance(cfg.resume, bool):
         raise PhsError(f"resume must be true or false, not '{cfg.resume}'")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise PhsError(f"device must be auto, cpu, cuda or cuda:N, not '{cfg.device}'")
@@ -46,7 +46,7 @@ def check_options(cfg: DictConfig) -> None:
         or cfg.batch_size < 1
     ):
         raise PhsError(f"batch_size must be a whole number >= 1, not '{cfg.batch_size}'")
-    small = cfg.get("min_lesion_mm3", 0)
+    small = cfg.min_lesion_mm3
     if isinstance(small, bool) or not isinstance(small, int | float) or small < 0:
         raise PhsError(f"min_lesion_mm3 must be a volume in mm³ >= 0 (0: keep all), not '{small}'")
     if not isinstance(cfg.threshold, int | float) or not 0 <= cfg.threshold <= 1:
@@ -72,14 +72,18 @@ def case_record(case: dict[str, str], cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def is_done(case_dir: Path, record: dict[str, Any]) -> bool:
-    """Whether ``case_dir`` holds complete outputs of ``record``'s input, checkpoint and options."""
+def read_record(case_dir: Path) -> dict[str, Any]:
+    """A case's record (``{}`` when there is none or it is unreadable)."""
     try:
         done = json.loads((case_dir / DONE).read_text())
     except (OSError, ValueError):
-        return False
-    if not isinstance(done, dict):
-        return False
+        return {}
+    return done if isinstance(done, dict) else {}
+
+
+def is_done(case_dir: Path, done: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether ``done`` (the case's record) says ``case_dir`` holds complete outputs of
+    ``record``'s input, checkpoint and options."""
     outputs = done.get("outputs")
     return (
         all(done.get(k) == v for k, v in record.items())
@@ -94,15 +98,16 @@ def lesions(done: dict[str, Any]) -> dict[str, Any]:
     return {k: done[k] for k in keys if k in done}
 
 
-def forget_case(case_dir: Path) -> set[str]:
+def forget_case(case_dir: Path, done: dict[str, Any]) -> set[str]:
     """Remove a case's record before it is written again (so a crash half way is never taken
     for complete outputs); returns the outputs it listed."""
-    try:
-        outputs = json.loads((case_dir / DONE).read_text()).get("outputs", [])
-    except (OSError, ValueError, AttributeError):
-        outputs = []
     (case_dir / DONE).unlink(missing_ok=True)
-    return {str(name) for name in outputs if "/" not in str(name)} - {DONE}
+    outputs = done.get("outputs")
+    return (
+        {str(n) for n in outputs if "/" not in str(n)} - {DONE}
+        if isinstance(outputs, list)
+        else set()
+    )
 
 
 @friendly_errors
@@ -136,13 +141,13 @@ def run(cfg: DictConfig) -> int:
     bar = progress("synthesizing", total=len(cases))
     with bar as advance:
         for case in cases:
-            record = case_record(case, cfg)
-            if cfg.resume and is_done(out_dir / case["case"], record):
+            record, done = case_record(case, cfg), read_record(out_dir / case["case"])
+            if cfg.resume and is_done(out_dir / case["case"], done, record):
                 kept.append(case["case"])
-                found.append(lesions(json.loads((out_dir / case["case"] / DONE).read_text())))
+                found.append(lesions(done))
                 advance()
                 continue
-            before = forget_case(out_dir / case["case"])
+            before = forget_case(out_dir / case["case"], done)
             try:
                 done = synthesize_case(model, pre, case, out_dir, cfg, device)
             except DataError as err:
