@@ -691,7 +691,8 @@ class PHSDataModule(pl.LightningDataModule):
             return
         from phs.phantom import ensure_phantom
 
-        ensure_phantom(self.root, kind=self.kind, **self.phantom)
+        spec = dict(self.phantom)  # its own kind where the loader's differs (ms: data=folder)
+        ensure_phantom(self.root, kind=spec.pop("kind", self.kind), **spec)
 
     def prepare_data(self) -> None:
         """Generate the phantom if configured, discover cases and fill the preprocessing cache."""

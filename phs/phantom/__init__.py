@@ -25,6 +25,14 @@ Layout on disk (the names other modules discover):
     <out>/1/VSD.Brain.XX.O.MR_Flair.70010/VSD.Brain.XX.O.MR_Flair.70010_healthy.nii  truth
     <out>/1/VSD.Brain.XX.O.OT.70011/VSD.Brain.XX.O.OT.70011.nii                     mask 0/1
 
+``kind="ms"`` (grid 182 x 218 x 182, 1 mm, MNI-like LAS affine, gzip NIfTI; the Ljubljana MS
+data's layout, read with ``data=folder`` through the datalist written beside it)::
+
+    <out>/patient01/flair.nii.gz           pathological FLAIR (6-25 plaques of 1.5-7 mm)
+    <out>/patient01/mask.nii.gz            mask 0/1
+    <out>/patient01/flair_healthy.nii.gz   ground truth
+    <out>/datalist.json                    {"training": [{"case", "image", "label", "healthy"}]}
+
 General rule: the ground-truth healthy image of an image file ``<stem>.<ext>`` is
 ``<stem>_healthy.<ext>`` in the same folder (``<ext>`` being ``nii``, ``nii.gz`` ...).
 
@@ -32,10 +40,10 @@ General rule: the ground-truth healthy image of an image file ``<stem>.<ext>`` i
 a folder holding it is complete. Every file is written under a hidden temporary name in its
 final folder and then renamed, so a visible file is always complete.
 
-CLI: ``python -m phs.phantom out=DIR n_volumes=8 kind=brats|isles seed=0``.
+CLI: ``python -m phs.phantom out=DIR n_volumes=8 kind=brats|isles|ms seed=0``.
 
 Modules: :mod:`~phs.phantom.anatomy` (template, subject warp, contrast, bias and noise),
-:mod:`~phs.phantom.lesions` (tumour and stroke models, mass effect, blending),
+:mod:`~phs.phantom.lesions` (tumour, stroke and MS plaque models, mass effect, blending),
 :mod:`~phs.phantom.case` (one case from ``(kind, seed, index)``), :mod:`~phs.phantom.writer`
 (files, ``phantom.json``, :func:`generate`, :func:`ensure_phantom`), ``__main__`` (the CLI).
 
@@ -48,7 +56,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-KINDS = ("brats", "isles")  # the layouts a phantom is written in
+KINDS = ("brats", "isles", "ms")  # the layouts a phantom is written in
 
 _EXPORTS = {
     "VERSION": "case",

@@ -1,4 +1,4 @@
-"""CLI: ``python -m phs.phantom out=DIR n_volumes=8 kind=brats|isles seed=0``."""
+"""CLI: ``python -m phs.phantom out=DIR n_volumes=8 kind=brats|isles|ms seed=0``."""
 
 from __future__ import annotations
 

@@ -13,18 +13,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import map_coordinates
+from scipy.ndimage import binary_dilation, map_coordinates
 
-KIND_ID = {"brats": 1, "isles": 2}
+KIND_ID = {"brats": 1, "isles": 2, "ms": 3}
 
 # FLAIR-like tissue intensities relative to grey matter (GM = 1).
 WM_RANGE = (0.70, 0.82)
 CSF_RANGE = (0.10, 0.20)
-# Output grids: shape, affine (LPS-like, world origin at the volume centre), slice index
-# where the top of the brain lands.
+# Output grids: shape, affine (LPS-like unless "axes" says otherwise, world origin at the
+# volume centre), slice index where the top of the brain lands.
 GRIDS: dict[str, dict[str, Any]] = {
     "brats": {"shape": (240, 240, 155), "top": 144},
     "isles": {"shape": (230, 230, 153), "top": 142},
+    "ms": {"shape": (182, 218, 182), "top": 142, "axes": (-1.0, 1.0, 1.0)},  # MNI-like, LAS
 }
 # Template point (MNI mm) that the subject is scaled and rotated about: brain centre in x/y.
 ANCHOR = np.array([0.0, -17.0, 10.0])
@@ -32,8 +33,9 @@ ANCHOR = np.array([0.0, -17.0, 10.0])
 
 def grid_affine(kind: str) -> np.ndarray:
     shape = GRIDS[kind]["shape"]
-    aff = np.diag([-1.0, -1.0, 1.0, 1.0])
-    aff[:3, 3] = [shape[0] // 2, shape[1] // 2, -(shape[2] // 2)]
+    axes = np.array(GRIDS[kind].get("axes", (-1.0, -1.0, 1.0)))
+    aff = np.diag([*axes, 1.0])
+    aff[:3, 3] = -axes * (np.array(shape) // 2)
     return aff
 
 
@@ -67,6 +69,12 @@ def template() -> dict[str, Any]:
     # Cerebral hemispheres: no cerebellum, no brainstem.
     cerebrum = (z > -30) & ((y > -40) | (z > 0)) & ~((np.abs(x) < 15) & (z < 0))
     deep = (np.abs(x) < 35) & (y > -30) & (y < 25) & (z > -10) & (z < 25)
+    # periventricular white matter: within 5 mm of the lateral ventricles (CSF deep in the
+    # cerebrum), where most multiple-sclerosis lesions lie
+    csf = np.zeros(mask[sl].shape, dtype=bool)
+    ventricle = (np.abs(x) > 2) & (np.abs(x) < 30) & (y > -50) & (y < 30) & (z > -5) & (z < 35)
+    csf[tuple(vox.T)] = cerebrum & ventricle & (1.0 - g - w > 0.5)
+    near_csf = binary_dilation(csf, iterations=5)[tuple(vox.T)]
     return {
         "stack": stack,
         "affine": affine,
@@ -74,6 +82,7 @@ def template() -> dict[str, Any]:
         "wm_centres": mm[cerebrum & (w > 0.9)].astype(np.float32),
         "gm_centres": mm[cerebrum & (g > 0.55)].astype(np.float32),
         "deep_centres": mm[cerebrum & deep & ((g > 0.4) | (w > 0.8))].astype(np.float32),
+        "pv_centres": mm[cerebrum & near_csf & (w > 0.6)].astype(np.float32),
     }
 
 

@@ -18,7 +18,9 @@ VERSION = 1
 
 
 def case_name(kind: str, index: int) -> str:
-    return f"Brats18_PHS_{index:04d}_1" if kind == "brats" else str(index)
+    if kind == "brats":
+        return f"Brats18_PHS_{index:04d}_1"
+    return f"patient{index:02d}" if kind == "ms" else str(index)
 
 
 def check(kind: str, index: int, seed: int) -> None:
@@ -37,7 +39,7 @@ def generate_case(
     """Synthesise case ``index`` (1-based) of a phantom dataset; depends only on the arguments.
 
     Returns ``image`` (int16, pathological FLAIR), ``healthy`` (int16, ground truth), ``label``
-    (uint8; brats 0/1/2/4 = none/necrosis/edema/enhancing, isles 0/1), ``brain`` (uint8 brain
+    (uint8; brats 0/1/2/4 = none/necrosis/edema/enhancing, isles and ms 0/1), ``brain`` (uint8 brain
     mask), ``affine`` (4x4), ``case`` (case name) and ``lesions`` (list of dicts of lesion
     parameters); with ``tissue=True`` also ``gm``, ``wm``, ``csf`` (float32 warped tissue
     probabilities). ``mass_effect`` (brats only) scales the tumour's push on the anatomy.

@@ -1,5 +1,6 @@
-"""Lesion models: glioma (edema, enhancing core, necrosis) and stroke blobs, their placement,
-the tumour's mass effect on the anatomy, and their blending into the healthy signal."""
+"""Lesion models: glioma (edema, enhancing core, necrosis), stroke blobs and multiple-sclerosis
+plaques, their placement, the tumour's mass effect on the anatomy, and their blending into the
+healthy signal."""
 
 from __future__ import annotations
 
@@ -126,6 +127,34 @@ def _draw_stroke(rng: np.random.Generator, centre: np.ndarray) -> dict[str, Any]
     }
 
 
+def _draw_plaque(rng: np.random.Generator, centre: np.ndarray) -> dict[str, Any]:
+    """A multiple-sclerosis plaque: a small ovoid (1.5-7 mm), one axis longer (Dawson's finger)."""
+    radius = math.exp(rng.uniform(math.log(1.5), math.log(7.0)))
+    radii = radius * np.exp(rng.uniform(-0.2, 0.2, size=3))
+    radii[rng.integers(3)] *= rng.uniform(1.2, 1.8)
+    blob, ext = _blob(rng, radii, rotation(rng.uniform(-math.pi, math.pi, size=3)), eps=0.15)
+    return {
+        "centre": centre,
+        "ext": ext,
+        "edema": blob,
+        "i_edema": rng.uniform(1.25, 1.6),
+        "radius": float(radius),
+        "tex_seed": int(rng.integers(2**31)),
+    }
+
+
+def _plaques(rng: np.random.Generator, tpl: dict[str, Any]) -> list[np.ndarray]:
+    """Template points (mm) of 6-25 plaques: periventricular (60 %), deep white matter (30 %)
+    and juxtacortical (10 %), as in relapsing-remitting MS."""
+    points = []
+    for _ in range(int(rng.integers(6, 26))):
+        u = rng.random()
+        key = "pv_centres" if u < 0.6 else "wm_centres" if u < 0.9 else "gm_centres"
+        cands = tpl[key]
+        points.append(cands[rng.integers(len(cands))].astype(np.float64))
+    return points
+
+
 def _geometry(les: dict[str, Any]) -> tuple[_Lesion, dict[str, np.ndarray]]:
     """Signed distances (mm, positive inside) of the lesion compartments on its box."""
     box = _Lesion(les["centre"], les["ext"])
@@ -160,6 +189,10 @@ def place_lesions(rng: np.random.Generator, kind: str, sub: dict[str, Any]) -> l
             cands = tpl["wm_centres"]
             q = cands[rng.integers(len(cands))].astype(np.float64)
             lesions = [_draw_tumour(rng, to_subject(q, sub, shape, aff))]
+        elif kind == "ms":
+            lesions = [
+                _draw_plaque(rng, to_subject(q, sub, shape, aff)) for q in _plaques(rng, tpl)
+            ]
         else:
             lesions = []
             first = None
@@ -176,11 +209,12 @@ def place_lesions(rng: np.random.Generator, kind: str, sub: dict[str, Any]) -> l
                 lesions.append(_draw_stroke(rng, to_subject(q, sub, shape, aff)))
         z = _label_zrange([_geometry(les) for les in lesions], shape[2])[mid]
         free, sick = int((~z).sum()), int(z.sum())
-        need_sick = 8 if kind == "brats" else 1
-        ok = free >= MID_SLICES // 3 and sick >= need_sick
+        need_sick = {"brats": 8, "ms": 8}.get(kind, 1)
+        need_free = MID_SLICES // 6 if kind == "ms" else MID_SLICES // 3  # plaques are many
+        ok = free >= need_free and sick >= need_sick
         if ok:
             return lesions
-        score = min(free - MID_SLICES // 3, 0) + min(sick - need_sick, 0)
+        score = min(free - need_free, 0) + min(sick - need_sick, 0)
         if best is None or score > best[0]:
             best = (score, lesions)
     assert best is not None

@@ -1,4 +1,4 @@
-"""Writing phantom datasets: the BraTS/ISLES on-disk layouts, ``phantom.json``, caching.
+"""Writing phantom datasets: the BraTS/ISLES/MS on-disk layouts, ``phantom.json``, caching.
 
 See :mod:`phs.phantom` for the layout. Every file is written under a hidden temporary name in
 its final folder and then renamed (:func:`phs.io.atomic_path`), and ``phantom.json`` last.
@@ -25,10 +25,19 @@ from phs.phantom import KINDS
 from phs.phantom.anatomy import GRIDS
 from phs.phantom.case import VERSION, case_name, check, generate_case
 
+#: Kinds written with a ``datalist.json`` (read with ``data=folder``).
+DATALIST_KINDS = ("ms",)
+
 
 def case_files(kind: str, index: int) -> dict[str, str]:
     """Relative paths of the image, label and healthy files of case ``index`` (1-based)."""
     name = case_name(kind, index)
+    if kind == "ms":  # the layout of the Ljubljana MS data: one folder per patient
+        return {
+            "image": f"{name}/flair.nii.gz",
+            "label": f"{name}/mask.nii.gz",
+            "healthy": f"{name}/flair_healthy.nii.gz",
+        }
     if kind == "brats":
         d = f"HGG/{name}"
         return {
@@ -173,8 +182,16 @@ def generate(
         "healthy_rule": "<image stem>_healthy.<ext> next to the image file",
         "cases": [results[i] for i in range(1, n_volumes + 1)],
     }
+    if kind in DATALIST_KINDS:  # a layout with no convention of its own: read via a datalist
+        write_json(out / "datalist.json", datalist(meta["cases"]), indent=1)
     write_json(meta_path, meta, indent=1)
     return out
+
+
+def datalist(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Decathlon-style datalist (``data=folder``) of a phantom's cases, paths relative."""
+    keys = ("case", "image", "label", "healthy")
+    return {"training": [{k: rec[k] for k in keys} for rec in cases]}
 
 
 def _matches(root: Path, kind: str, n_volumes: int, seed: int, mass_effect: float) -> bool:
