@@ -29,9 +29,14 @@ def isles1() -> dict:
     return generate_case("isles", 1, seed=0, tissue=True)
 
 
-@pytest.fixture(params=["brats", "isles"])
-def case(request, brats1, isles1) -> dict:
-    return brats1 if request.param == "brats" else isles1
+@pytest.fixture(scope="module")
+def ms1() -> dict:
+    return generate_case("ms", 1, seed=0, tissue=True)
+
+
+@pytest.fixture(params=["brats", "isles", "ms"])
+def case(request, brats1, isles1, ms1) -> dict:
+    return {"brats": brats1, "isles": isles1, "ms": ms1}[request.param]
 
 
 def test_determinism(brats1):
@@ -43,10 +48,13 @@ def test_determinism(brats1):
     assert not np.array_equal(other["label"], brats1["label"])
 
 
-def test_shapes_types_and_labels(brats1, isles1):
+def test_shapes_types_and_labels(brats1, isles1, ms1):
     assert brats1["image"].shape == (240, 240, 155)
     assert isles1["image"].shape == (230, 230, 153)
-    for c, allowed in ((brats1, {0, 1, 2, 4}), (isles1, {0, 1})):
+    assert ms1["image"].shape == (182, 218, 182)  # the Ljubljana MS data's MNI grid, LAS
+    assert nib.aff2axcodes(ms1["affine"]) == ("L", "A", "S")
+    assert nib.aff2axcodes(brats1["affine"]) == ("L", "P", "S")
+    for c, allowed in ((brats1, {0, 1, 2, 4}), (isles1, {0, 1}), (ms1, {0, 1})):
         assert c["image"].dtype == np.int16 and c["healthy"].dtype == np.int16
         assert c["label"].dtype == np.uint8
         assert c["label"].shape == c["image"].shape == c["healthy"].shape
@@ -54,6 +62,22 @@ def test_shapes_types_and_labels(brats1, isles1):
         assert (c["label"] > 0).sum() > 100
     assert {2, 4} <= set(np.unique(brats1["label"]).tolist())
     assert brats1["case"] == "Brats18_PHS_0001_1" and isles1["case"] == "1"
+    assert ms1["case"] == "patient01"
+
+
+def test_ms_plaques_are_many_small_and_in_white_matter(ms1, isles1):
+    """MS: several separate plaques of a few millimetres, mostly in (periventricular) white
+    matter, unlike the phantom's strokes (one to four larger lesions, mostly cortical)."""
+    from scipy.ndimage import label
+
+    lab = ms1["label"] > 0
+    comps, n = label(lab, structure=np.ones((3, 3, 3)))
+    sizes = np.bincount(comps.ravel())[1:]
+    radii = (3 * sizes / (4 * np.pi)) ** (1 / 3)  # mm (1 mm voxels)
+    assert 6 <= len(ms1["lesions"]) <= 25 and n >= 5
+    assert np.median(radii) < 5.0 and radii.max() < 12.0
+    assert 0.3 < lab.sum() / 1000 < 30  # mL: the range of MS lesion loads
+    assert ms1["wm"][lab].mean() > 0.6 > isles1["wm"][isles1["label"] > 0].mean()
 
 
 def test_background_is_zero_and_brain_inside_fov(case):
@@ -94,7 +118,7 @@ def test_middle_slices_mix_healthy_and_lesion(case):
     lab = case["label"]
     d = lab.shape[2]
     has = (lab > 0).any(axis=(0, 1))[d // 2 - MID // 2 : d // 2 + MID // 2]
-    assert (~has).sum() >= MID // 3
+    assert (~has).sum() >= (MID // 6 if case["case"].startswith("patient") else MID // 3)
     assert has.sum() >= 1
 
 
@@ -172,6 +196,24 @@ def test_generate_isles_layout(tmp_path):
     assert files == sorted(
         ["phantom.json", *want[1:4], "1", f"1/{want[1].split('/')[1]}", "1/VSD.Brain.XX.O.OT.70011"]
     )
+
+
+def test_generate_ms_layout_is_read_through_its_datalist(tmp_path, ms1):
+    from phs.data.discovery import discover
+
+    out = generate(tmp_path / "m", n_volumes=2, kind="ms", seed=0, workers=1, progress=False)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    want = ["datalist.json", "phantom.json"]
+    for i in (1, 2):
+        want += [f"patient0{i}/{f}.nii.gz" for f in ("flair", "flair_healthy", "mask")]
+    assert files == sorted(want)
+    img = _load(out / "patient01/flair.nii.gz")
+    assert nib.aff2axcodes(img.affine) == ("L", "A", "S")
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), ms1["image"])
+    recs = discover("folder", None, datalist=out / "datalist.json")
+    assert [r["case"] for r in recs] == ["patient01", "patient02"]
+    assert recs[0]["healthy"] == str(out / "patient01/flair_healthy.nii.gz")
+    assert recs[1]["label"] == str(out / "patient02/mask.nii.gz")
 
 
 def test_ensure_phantom_reuses_and_is_atomic(tmp_path, monkeypatch):

@@ -492,6 +492,7 @@ def test_debug_presets_work_on_any_data_source(
     for source in ("synthetic_brats", "synthetic_isles"):
         phantom = config(f"data={source}").data.phantom
         assert set(phantom) == {"n_volumes", "seed"}, source
+    assert set(config("data=synthetic_ms").data.phantom) == {"kind", "n_volumes", "seed"}
 
     cfg = config(
         "data=brats",
@@ -528,3 +529,31 @@ def test_an_unseeded_run_has_a_data_order(
     dm = _dm(brats_root, cache_dir, tmp_path, seed=None)
     dm.setup("fit")
     assert dm.seed == 0 and set(next(iter(dm.train_dataloader()))) >= {"x_p", "x_h"}
+
+
+def test_the_ms_phantom_is_generated_and_read_by_the_folder_loader(tmp_path: Path) -> None:
+    """``data=synthetic_ms``: the phantom's own kind (ms) is generated, the folder loader reads
+    it through the datalist written beside it, and the ground truth comes along."""
+    from hydra.utils import instantiate
+
+    cfg = compose_config(
+        "train",
+        "debug=tiny",
+        "data=synthetic_ms",
+        "data.phantom.n_volumes=4",
+        "data.split.test_fraction=0.25",
+        "data.split.val_fraction=0.5",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.output_dir={tmp_path / 'run'}",
+    )
+    assert cfg.data.kind == "folder"
+    dm = instantiate(cfg.data, progress=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    root = tmp_path / "cache" / "phantom" / "ms-n4-seed0"
+    assert (root / "datalist.json").is_file() and (root / "patient04" / "mask.nii.gz").is_file()
+    assert set(next(iter(dm.train_dataloader()))) >= {"x_p", "m_p", "x_h"}
+    assert "x_gt" in next(iter(dm.val_dataloader()))  # flair_healthy.nii.gz, from the datalist
+    assert {r["case"] for split in dm.splits.values() for r in split} == {
+        f"patient0{i}" for i in range(1, 5)
+    }
