@@ -113,34 +113,39 @@ def _draw_tumour(rng: np.random.Generator, centre: np.ndarray) -> dict[str, Any]
     }
 
 
-def _draw_stroke(rng: np.random.Generator, centre: np.ndarray) -> dict[str, Any]:
-    radius = math.exp(rng.uniform(math.log(4.0), math.log(15.0)))
-    radii = radius * np.exp(rng.uniform(-0.3, 0.3, size=3))
-    blob, ext = _blob(rng, radii, rotation(rng.uniform(-math.pi, math.pi, size=3)), eps=0.3)
+def _ovoid(
+    rng: np.random.Generator,
+    centre: np.ndarray,
+    r_range: tuple[float, float],
+    spread: float,
+    eps: float,
+    brightness: tuple[float, float],
+    elongate: tuple[float, float] | None = None,
+) -> dict[str, Any]:
+    """One irregular ovoid lesion of label 1: radius log-uniform in ``r_range`` (mm), axes
+    varied by ``exp(+-spread)``, one of them ``elongate`` times longer, ``brightness`` x GM."""
+    radius = math.exp(rng.uniform(math.log(r_range[0]), math.log(r_range[1])))
+    radii = radius * np.exp(rng.uniform(-spread, spread, size=3))
+    if elongate is not None:
+        radii[rng.integers(3)] *= rng.uniform(*elongate)
+    blob, ext = _blob(rng, radii, rotation(rng.uniform(-math.pi, math.pi, size=3)), eps=eps)
     return {
         "centre": centre,
         "ext": ext,
         "edema": blob,
-        "i_edema": rng.uniform(1.3, 1.7),
+        "i_edema": rng.uniform(*brightness),
         "radius": float(radius),
         "tex_seed": int(rng.integers(2**31)),
     }
+
+
+def _draw_stroke(rng: np.random.Generator, centre: np.ndarray) -> dict[str, Any]:
+    return _ovoid(rng, centre, (4.0, 15.0), 0.3, 0.3, (1.3, 1.7))
 
 
 def _draw_plaque(rng: np.random.Generator, centre: np.ndarray) -> dict[str, Any]:
     """A multiple-sclerosis plaque: a small ovoid (1.5-7 mm), one axis longer (Dawson's finger)."""
-    radius = math.exp(rng.uniform(math.log(1.5), math.log(7.0)))
-    radii = radius * np.exp(rng.uniform(-0.2, 0.2, size=3))
-    radii[rng.integers(3)] *= rng.uniform(1.2, 1.8)
-    blob, ext = _blob(rng, radii, rotation(rng.uniform(-math.pi, math.pi, size=3)), eps=0.15)
-    return {
-        "centre": centre,
-        "ext": ext,
-        "edema": blob,
-        "i_edema": rng.uniform(1.25, 1.6),
-        "radius": float(radius),
-        "tex_seed": int(rng.integers(2**31)),
-    }
+    return _ovoid(rng, centre, (1.5, 7.0), 0.2, 0.15, (1.25, 1.6), elongate=(1.2, 1.8))
 
 
 def _plaques(rng: np.random.Generator, tpl: dict[str, Any]) -> list[np.ndarray]:
