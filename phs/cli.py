@@ -60,3 +60,18 @@ def searchpath_overrides() -> list[str]:
     if not HydraConfig.initialized():
         return []
     return [o for o in HydraConfig.get().overrides.hydra if o.startswith("hydra.searchpath=")]
+
+
+def require_group(group: str, app: str, argv: list[str] | None = None) -> None:
+    """Exit 2 with a hint where the command line sets ``<group>.<key>=...`` of a config group
+    that defaults to nothing without choosing the group (Hydra says only "Key not in struct")."""
+    argv = sys.argv[1:] if argv is None else argv
+    names = [a.split("=", 1)[0].lstrip("+~") for a in argv]
+    keys = [a for a, n in zip(argv, names, strict=True) if n.startswith(f"{group}.")]
+    if keys and group not in names:
+        print(
+            f"error: {keys[0]} needs {group}=<source> too (e.g. {group}=brats {keys[0]}): "
+            f"without {group}=, {app} uses the checkpoint's own {group} config as it is",
+            file=sys.stderr,
+        )
+        sys.exit(2)

@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from phs.checkpoint import checkpoint_file
-from phs.cli import friendly_errors
+from phs.cli import friendly_errors, require_group
 from phs.preflight import check_evaluate
 
 
@@ -45,4 +45,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    require_group("data", "phs.evaluate")
     main()

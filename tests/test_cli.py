@@ -120,6 +120,8 @@ APPS = [
         *((app, ["--help"], "Powered by Hydra") for app in APPS),
         ("phs.synthesize", ["ckpt_path=nope.ckpt", "input=.", "output=o"], "nope.ckpt' does not"),
         ("phs.evaluate", ["ckpt_path=nope.ckpt"], "nope.ckpt' does not"),
+        # Hydra said only "Key 'data' is not in struct"
+        ("phs.evaluate", ["ckpt_path=model.ckpt", "data.root=/d"], "data.root=/d needs data="),
         ("phs.synthesize", ["ckpt_path=.", "input=.", "output=o"], "is a folder: give the"),
         ("phs.reproduce", ["methods=[cgan,proposed_paried]"], "methods must name"),
         ("phs.phantom", ["out=o", "kind=camelyon"], "kind must be one of brats, isles"),
