@@ -69,8 +69,8 @@ def template() -> dict[str, Any]:
     # Cerebral hemispheres: no cerebellum, no brainstem.
     cerebrum = (z > -30) & ((y > -40) | (z > 0)) & ~((np.abs(x) < 15) & (z < 0))
     deep = (np.abs(x) < 35) & (y > -30) & (y < 25) & (z > -10) & (z < 25)
-    # periventricular white matter: within 5 mm of the lateral ventricles (CSF deep in the
-    # cerebrum), where most multiple-sclerosis lesions lie
+    # periventricular white matter: within 5 face-connected voxel steps (1 mm) of the lateral
+    # ventricles (CSF deep in the cerebrum), where most multiple-sclerosis lesions lie
     csf = np.zeros(mask[sl].shape, dtype=bool)
     ventricle = (np.abs(x) > 2) & (np.abs(x) < 30) & (y > -50) & (y < 30) & (z > -5) & (z < 35)
     csf[tuple(vox.T)] = cerebrum & ventricle & (1.0 - g - w > 0.5)

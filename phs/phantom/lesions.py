@@ -23,6 +23,13 @@ from phs.phantom.anatomy import (
 )
 
 MID_SLICES = 60  # lesions must leave part of the middle 60 axial slices lesion-free
+# per kind: (lesion-free, lesion-holding) slices wanted among the middle MID_SLICES; MS plaques
+# spread over the ventricles' height, so fewer slices stay free
+NEED_SLICES = {
+    "brats": (MID_SLICES // 3, 8),
+    "isles": (MID_SLICES // 3, 1),
+    "ms": (MID_SLICES // 6, 8),
+}
 
 
 def _blob(rng: np.random.Generator, radii: np.ndarray, rot: np.ndarray, eps: float):
@@ -214,8 +221,7 @@ def place_lesions(rng: np.random.Generator, kind: str, sub: dict[str, Any]) -> l
                 lesions.append(_draw_stroke(rng, to_subject(q, sub, shape, aff)))
         z = _label_zrange([_geometry(les) for les in lesions], shape[2])[mid]
         free, sick = int((~z).sum()), int(z.sum())
-        need_sick = {"brats": 8, "ms": 8}.get(kind, 1)
-        need_free = MID_SLICES // 6 if kind == "ms" else MID_SLICES // 3  # plaques are many
+        need_free, need_sick = NEED_SLICES[kind]
         ok = free >= need_free and sick >= need_sick
         if ok:
             return lesions
