@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from phs.checkpoint import checkpoint_file
 from phs.cli import friendly_errors
+from phs.data.checks import check_files
 from phs.data.discovery import find_images
 from phs.errors import DataError, PhsError
 from phs.io import progress, write_json
@@ -113,12 +114,15 @@ def forget_case(case_dir: Path, done: dict[str, Any]) -> set[str]:
 @friendly_errors
 def run(cfg: DictConfig) -> int:
     """Returns the exit code: 0 all cases written, 1 some failed (reported and skipped)."""
-    # the options, the input, the output folder and the checkpoint's path are checked before
-    # torch and MONAI load (seconds), so a mistyped path answers at once
+    # the options, the input (one file: its header and values), the output folder and the
+    # checkpoint's path are checked before torch and MONAI load (seconds), so a bad input answers
+    # at once
     check_options(cfg)
     checkpoint_file(cfg.ckpt_path)
     modality = cfg.get("modality")
     cases = find_images(cfg.input, modality or "flair")
+    if len(cases) == 1:  # one file: its every check now, before torch loads
+        check_files(cases[0])
     if not str(cfg.output).strip():
         raise PhsError("output is empty: name the folder to write to (output=DIR)")
     out_dir = Path(str(cfg.output)).expanduser()

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import compose_config
+from conftest import compose_config, save
 
 TINY = ["data.preprocess.slice_size=[40,32]", "data.preprocess.n_slices=16", "data.progress=false"]
 
@@ -130,6 +131,9 @@ APPS = [
             ["ckpt_path=model.ckpt", "input=nope.nii.gz", "output=o"],
             "does not exist",
         ),
+        # one input file: its header and values are read before torch loads
+        ("phs.synthesize", ["ckpt_path=model.ckpt", "input=flat.nii.gz", "output=o"], "2D"),
+        ("phs.synthesize", ["ckpt_path=model.ckpt", "input=nan.nii.gz", "output=o"], "1 NaN"),
         *(
             (
                 "phs.synthesize",
@@ -154,6 +158,10 @@ def test_config_errors_and_help_answer_before_torch_loads(
     """torch, Lightning and MONAI (seconds of imports) load only once the config is composed and
     the paths a user typed are checked."""
     (tmp_path / "model.ckpt").write_bytes(b"")  # a checkpoint file that exists (cwd: tmp_path)
+    vol = np.ones((8, 8, 4), np.float32)
+    vol[0, 0, 0] = np.nan
+    save(tmp_path / "nan.nii.gz", vol)
+    save(tmp_path / "flat.nii.gz", vol[..., 0])
     code = (
         "import runpy, sys\n"
         f"sys.argv = [{module!r}, *{args!r}, 'hydra.run.dir={tmp_path}']\n"

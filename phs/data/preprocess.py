@@ -20,10 +20,8 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import (
@@ -37,6 +35,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from phs.data.checks import check_headers, check_values
 from phs.errors import DataError
 
 AXCODES = "PLS"
@@ -203,63 +202,6 @@ def middle_slices(n_total: int, n_slices: int) -> slice:
         return slice(0, n_total)
     start = n_total // 2 - n_slices // 2
     return slice(start, start + n_slices)
-
-
-def check_headers(record: Mapping[str, Any]) -> None:
-    """Cheap checks from the file headers: readable, 3D, image and mask on the same grid."""
-    case = record["case"]
-    if record.get("problem"):
-        raise DataError(record["problem"], case)
-    headers = {}
-    for key in ("image", "label", "healthy"):
-        path = record.get(key)
-        if not path:
-            continue
-        if not Path(path).is_file():
-            raise DataError(f"{key} file {path} does not exist", case)
-        if not str(path).endswith((".nii", ".nii.gz")):
-            if str(path).endswith(".mha"):
-                continue  # read by ITK below; checked after loading
-            raise DataError(f"{key} file {path} is not a NIfTI file (.nii or .nii.gz)", case)
-        try:
-            img = nib.load(path)
-        except Exception as err:  # nibabel raises several types for corrupt headers
-            raise DataError(f"cannot read {key} file {path}: {err}", case) from None
-        shape = tuple(int(s) for s in img.shape)
-        while len(shape) > 3 and shape[-1] == 1:
-            shape = shape[:-1]
-        if len(shape) != 3:
-            raise DataError(
-                f"{key} file {path} is {len(shape)}D with shape {shape}; a 3D volume is needed",
-                case,
-            )
-        headers[key] = (shape, img.affine, path)
-    ref_shape, ref_affine, ref_path = headers["image"]
-    for key in ("label", "healthy"):
-        if key not in headers:
-            continue
-        shape, affine, path = headers[key]
-        if shape != ref_shape:
-            raise DataError(f"{key} {path} has shape {shape} but the image has {ref_shape}", case)
-        if not np.allclose(affine, ref_affine, atol=1e-3):
-            raise DataError(f"{key} {path} is not on the image's grid (different affine)", case)
-
-
-def check_values(d: Mapping[str, Any], case: str) -> None:
-    for key in ("image", "label", "healthy"):
-        if key not in d:
-            continue
-        x = d[key]
-        if x.ndim != 4:
-            raise DataError(
-                f"{key} {d.get(key + '_path', '')} is not a 3D volume (shape {tuple(x.shape[1:])})",
-                case,
-            )
-        if torch.isnan(x).any() or torch.isinf(x).any():
-            n = int((~torch.isfinite(x)).sum())
-            raise DataError(f"{key} file {d[key + '_path']} has {n} NaN/infinite voxels", case)
-    if not torch.any(d["image"] != d["image"].reshape(-1)[0]):
-        raise DataError(f"image {d['image_path']} is empty (constant value everywhere)", case)
 
 
 def load_volumes(record: Mapping[str, Any]) -> dict[str, Any]:
