@@ -241,9 +241,18 @@ def test_ensure_phantom_reuses_and_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         ensure_phantom(fresh, n_volumes=1, kind="isles", seed=0)
     assert not fresh.exists()
-    with pytest.raises(RuntimeError):  # different parameters: regenerate, old data kept on crash
-        ensure_phantom(root, n_volumes=1, kind="isles", seed=1)
+    # another phantom (a user's own, made with other parameters) is never replaced
+    with pytest.raises(PhsError, match="made with n_volumes=1 seed=0, not n_volumes=2 seed=1"):
+        ensure_phantom(root, n_volumes=2, kind="isles", seed=1)
     assert (meta.stat().st_mtime_ns, image.stat().st_mtime_ns) == stamps
+
+    # one from an older generator is regenerated; the old data is kept on a crash
+    old = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**old, "version": old["version"] - 1}))
+    with pytest.raises(RuntimeError, match="disk full"):
+        ensure_phantom(root, n_volumes=1, kind="isles", seed=0)
+    assert image.stat().st_mtime_ns == stamps[1]
+    assert json.loads(meta.read_text())["version"] == old["version"] - 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ph"]
 
     # refuses to replace a folder that is not a phantom

@@ -194,18 +194,20 @@ def datalist(cases: list[dict[str, Any]]) -> dict[str, Any]:
     return {"training": [{k: rec[k] for k in keys} for rec in cases]}
 
 
-def _matches(root: Path, kind: str, n_volumes: int, seed: int, mass_effect: float) -> bool:
+def _spec(kind: str, n_volumes: int, seed: int, mass_effect: float) -> dict[str, Any]:
+    return {"kind": kind, "n_volumes": n_volumes, "seed": seed, "mass_effect": mass_effect}
+
+
+def _meta(root: Path) -> dict[str, Any] | None:
     try:
-        meta = json.loads((root / "phantom.json").read_text())
+        return json.loads((root / "phantom.json").read_text())
     except (OSError, ValueError):
-        return False
-    want = {
-        "kind": kind,
-        "n_volumes": n_volumes,
-        "seed": seed,
-        "version": VERSION,
-        "mass_effect": mass_effect,
-    }
+        return None
+
+
+def _matches(root: Path, kind: str, n_volumes: int, seed: int, mass_effect: float) -> bool:
+    meta = _meta(root) or {}
+    want = {**_spec(kind, n_volumes, seed, mass_effect), "version": VERSION}
     return all(meta.get(k) == v for k, v in want.items())
 
 
@@ -213,9 +215,10 @@ def ensure_phantom(root: str | Path, n_volumes: int, kind: str, seed: int, **kw:
     """Return ``root`` holding a complete phantom dataset, generating it only if needed.
 
     Reuses ``root`` if its ``phantom.json`` matches (kind, n_volumes, seed, version,
-    mass_effect). Otherwise generates into ``root.tmp-<pid>`` and renames it into place, so a
-    crash never leaves a half dataset at ``root``. Refuses a non-empty ``root`` that is not a
-    phantom. ``kw`` goes to :func:`generate`.
+    mass_effect); regenerates one from an older generator ``version``. Generates into
+    ``root.tmp-<pid>`` and renames it into place, so a crash never leaves a half dataset at
+    ``root``. Refuses a non-empty ``root`` that is not a phantom, or a phantom made with other
+    parameters (a user's own data set is never replaced). ``kw`` goes to :func:`generate`.
     """
     root = Path(root)
     amp = float(kw.get("mass_effect", True))
@@ -227,6 +230,16 @@ def ensure_phantom(root: str | Path, n_volumes: int, kind: str, seed: int, **kw:
         if any(root.iterdir()) and not (root / "phantom.json").exists():
             raise PhsError(
                 f"phantom root {root} is not empty and holds no phantom.json; refusing to overwrite it"
+            )
+        # another phantom there (not just one from an older generator): never replaced silently
+        have, want = _meta(root) or {}, _spec(kind, n_volumes, seed, amp)
+        if have and any(have.get(k) != v for k, v in want.items()):
+            differ = [k for k, v in want.items() if have.get(k) != v]
+            made = " ".join(f"{k}={have.get(k)}" for k in differ)
+            asked = " ".join(f"{k}={want[k]}" for k in differ)
+            raise PhsError(
+                f"phantom root {root} holds a phantom made with {made}, not {asked}: set "
+                "data.phantom.* to match it, or choose another root (or delete this one)"
             )
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
