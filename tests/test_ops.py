@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import F_PRE, MODELS, build, tiny_config
+from conftest import F_PRE, MODELS, build, compose_config, tiny_config
 from omegaconf import OmegaConf
 
 # conf/debug/tiny.yaml on the fixture's volumes: one epoch, experiment=demo (precision auto)
@@ -393,3 +393,24 @@ def test_sigkill_then_resume_from_last_checkpoint(brats_root: Path, tmp_path: Pa
     )
     assert p.returncode == 0, p.stderr[-2000:]
     assert torch.load(last, weights_only=True)["global_step"] == step + 2
+
+
+def test_wandb_run_id_is_kept_for_a_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run id is chosen before W&B starts and written to ``wandb_run_id.txt``: a resume
+    (``ckpt_path``) continues that id, a fresh training in the same folder gets a new one."""
+    from phs.loggers import wandb_logger
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    id_file = tmp_path / "wandb_run_id.txt"
+
+    def logger(**kw: object) -> str | None:
+        return wandb_logger(str(tmp_path), "offline", str(id_file), project="phs", **kw).version
+
+    first = logger()
+    assert first and id_file.read_text() == first
+    assert logger(resuming=True) == first
+    fresh = logger()
+    assert fresh != first and id_file.read_text() == fresh
+    cfg = compose_config("train", "logger=wandb", "ckpt_path=RUN/checkpoints/last.ckpt")
+    assert cfg.logger.wandb.resuming is True
+    assert compose_config("train", "logger=wandb").logger.wandb.resuming is False
