@@ -289,17 +289,28 @@ def check_networks(cfg: DictConfig) -> None:
 
 
 # -- the method: its outputs and the metric a sweep optimises --------------------------------------
-def validation_metrics(outputs: Iterable[str]) -> list[str]:
+def validation_metrics(outputs: Iterable[str], ground_truth: bool = True) -> list[str]:
     """The ``val/<name>`` metrics a method whose ``synthesize`` returns ``outputs`` logs: what
     :meth:`phs.evaluation.Evaluator.slice_metrics` computes from them, with a ground truth (the
-    phantom, or ``<stem>_healthy`` images). Imports torch."""
+    phantom, or ``<stem>_healthy`` images) unless ``ground_truth`` is false. Imports torch."""
     import torch
 
     from phs.evaluation import Evaluator
 
     x = torch.full((1, 1, 16, 16), 0.5)  # (MS-SSIM's window needs 11 pixels)
-    batch = {"x_p": x, "m_p": torch.zeros_like(x), "x_gt": x}
+    batch = {"x_p": x, "m_p": torch.zeros_like(x), **({"x_gt": x} if ground_truth else {})}
     return sorted(f"val/{k}" for k in Evaluator().slice_metrics(batch, dict.fromkeys(outputs, x)))
+
+
+def monitored(cfg: DictConfig, method: Any) -> list[tuple[str, Any]]:
+    """``(key, metric)`` of ``optimized_metric``, every callback's ``monitor`` and the method's
+    own ``monitor``."""
+    wanted = [("optimized_metric", _select(cfg, "optimized_metric"))]
+    callbacks = _select(cfg, "callbacks")
+    for name in callbacks if isinstance(callbacks, DictConfig) else ():
+        if isinstance(callbacks.get(name), DictConfig):
+            wanted.append((f"callbacks.{name}.monitor", callbacks[name].get("monitor")))
+    return [*wanted, (f"{type(method).__name__}.monitor", getattr(method, "monitor", (None,))[0])]
 
 
 def check_metrics(cfg: DictConfig, method: Any, outputs: Iterable[str]) -> None:
@@ -307,15 +318,9 @@ def check_metrics(cfg: DictConfig, method: Any, outputs: Iterable[str]) -> None:
     metric ``method`` logs (its validation metrics for ``outputs``, ``train/<loss term>``,
     ``train/score/...``), not a typo that a sweeper finds as None after the whole training."""
     own = getattr(method, "monitor", (None,))[0]
-    wanted = [("optimized_metric", _select(cfg, "optimized_metric"))]
-    callbacks = _select(cfg, "callbacks")
-    for name in callbacks if isinstance(callbacks, DictConfig) else ():
-        if isinstance(callbacks.get(name), DictConfig):
-            wanted.append((f"callbacks.{name}.monitor", callbacks[name].get("monitor")))
-    wanted.append((f"{type(method).__name__}.monitor", own))
     allowed = validation_metrics(outputs)
     losses = [f"train/{n}" for n in getattr(method, "loss_names", ())]
-    for key, metric in wanted:
+    for key, metric in monitored(cfg, method):
         if metric in (None, _UNSET) or metric in allowed or metric in losses:
             continue
         if str(metric).startswith("train/score/"):
@@ -327,11 +332,28 @@ def check_metrics(cfg: DictConfig, method: Any, outputs: Iterable[str]) -> None:
         )
 
 
-def check_method(cfg: DictConfig, method: Any) -> None:
+def check_ground_truth(cfg: DictConfig, method: Any, outputs: Iterable[str]) -> None:
+    """For validation cases without a true healthy image (real scans): no monitor may name a
+    metric that needs one (``val/psnr_lesion``, ...); it would never get a value, and a sweep
+    would score every trial None after its whole training."""
+    outputs = list(outputs)
+    usable = validation_metrics(outputs, ground_truth=False)
+    need = set(validation_metrics(outputs)) - set(usable)
+    for key, metric in monitored(cfg, method):
+        if metric in need:
+            raise PhsError(
+                f"{key}={metric} needs the true healthy image, but the validation cases have "
+                f"none (only the phantom, or <stem>_healthy images beside real scans, have one): "
+                f"use one of {', '.join(usable)}"
+            )
+
+
+def check_method(cfg: DictConfig, method: Any) -> list[str]:
     """The built method's ``synthesize`` on one synthetic slice of the configured size, before
     any data work: its contract (:meth:`phs.methods.base.PHSMethod.check_outputs`: names and
     shapes) and, from the outputs it returns, the metrics :func:`check_metrics` accepts. The
-    model's state, mode and the random streams are left as they were."""
+    model's state, mode and the random streams are left as they were. Returns the outputs'
+    names."""
     import torch
 
     h, w = slice_size(cfg) or (64, 64)
@@ -347,6 +369,7 @@ def check_method(cfg: DictConfig, method: Any) -> None:
         method.train(training)
         method._range_checked = checked
     check_metrics(cfg, method, outputs)
+    return outputs
 
 
 # -- devices --------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from phs.checkpoint import check_importable, load_method
 from phs.errors import PhsError
 from phs.evaluation import Evaluator, Summary, write_metrics
 from phs.methods import PHSMethod
-from phs.preflight import check_method, check_train, targets
+from phs.preflight import check_ground_truth, check_method, check_train, targets
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,19 @@ def quiet_lightning() -> None:
             lg.addFilter(_NoTips())
 
 
+class GroundTruthCheck(pl.Callback):
+    """Once the split is known (before the first step): monitors that need a true healthy image
+    are refused when the validation cases have none (:func:`phs.preflight.check_ground_truth`)."""
+
+    def __init__(self, cfg: DictConfig, outputs: list[str]) -> None:
+        self.cfg, self.outputs = cfg, outputs
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        store = getattr(trainer.datamodule, "stores", {}).get("validation")
+        if stage == "fit" and store is not None and len(store) and not store.has_gt:
+            check_ground_truth(self.cfg, pl_module, self.outputs)
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit and test one method into ``cfg.paths.output_dir``; returns the monitored validation
     metric (for sweepers). Writes ``checkpoints/``, ``datalist.json`` and, with ``test``,
@@ -167,7 +180,7 @@ def train(cfg: DictConfig) -> float | None:
     for key, node in targets(cfg, "model"):  # a user's class: PYTHONPATH, typos
         check_importable(node._target_, f"{key}._target_")
     model: PHSMethod = hydra.utils.instantiate(cfg.model)
-    check_method(cfg, model)  # its outputs and the metrics the config names, before any data work
+    outputs = check_method(cfg, model)  # its outputs and the metrics named, before data work
     model.phs_config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
@@ -182,7 +195,7 @@ def train(cfg: DictConfig) -> float | None:
             and cb.get("monitor", "") is None
         ):
             cb.monitor, cb.mode = model.monitor
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks = [*instantiate_group(cfg.get("callbacks")), GroundTruthCheck(cfg, outputs)]
     loggers = instantiate_group(cfg.get("logger"))
     if cfg.get("ckpt_path"):
         keep_csv_history(loggers)

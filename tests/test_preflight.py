@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MODELS, REPO, build, compose_config, tiny_config
+from conftest import MODELS, REPO, build, compose_config, tiny_config, write_case
 
 from phs import preflight
 from phs.errors import PhsError
@@ -421,6 +421,41 @@ def test_validation_metrics_are_what_a_validation_run_logs(
     x_p = next(iter(dm.val_dataloader()))["x_p"]
     assert logged == preflight.validation_metrics(method.infer(x_p))
     assert method.monitor[0] in logged
+
+
+def test_a_monitor_needing_the_true_healthy_image_is_refused_on_real_scans(tmp_path: Path) -> None:
+    """Real scans (no ``<stem>_healthy`` images) log no ground-truth metric: a monitor naming one
+    is refused once the split is known, before the first step, and the metrics the message
+    offers are what validation logs there."""
+    import pytorch_lightning as pl
+
+    from phs.runs import train  # unwrapped: the error itself, not its exit code
+
+    root = tmp_path / "brats"
+    for i in range(5):
+        case = f"Brats18_REAL_{i}_1"
+        write_case(
+            root / "HGG" / case, f"{case}_flair.nii.gz", f"{case}_seg.nii.gz", seed=i,
+            lesion_center=(20 + i, 18 + 2 * i, 15),
+        )  # fmt: skip
+    for override, key in (
+        ("optimized_metric=val/psnr_lesion", "optimized_metric"),
+        (
+            "callbacks.model_checkpoint.monitor=val/psnr_outside",
+            "callbacks.model_checkpoint.monitor",
+        ),
+    ):
+        cfg = tiny_config(tmp_path, root, override, "logger=none")
+        with pytest.raises(PhsError, match=rf"^{key}=val/psnr_\w+ needs the true healthy image"):
+            train(cfg)
+        assert not list((tmp_path / "run").rglob("*.ckpt"))
+    dm, method = build(tiny_config(tmp_path, root))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer.validate(method, datamodule=dm, verbose=False)
+    logged = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
+    x_p = next(iter(dm.val_dataloader()))["x_p"]
+    assert logged == preflight.validation_metrics(method.infer(x_p), ground_truth=False)
+    assert "val/psnr_lesion" not in logged and method.monitor[0] in logged
 
 
 # -- devices --------------------------------------------------------------------------------------------
