@@ -40,6 +40,16 @@ def test_inspect_writes_summary_and_montage(brats_root: Path, tmp_path: Path) ->
     assert "pathological" in p.stdout
 
 
+def test_inspect_takes_the_debug_presets_slices() -> None:
+    """``phs.inspect debug=fast`` shows the slices ``phs.train debug=fast`` trains on."""
+    fast = compose_config("inspect", "debug=fast", "data=brats", "data.root=/d")
+    assert list(fast.data.preprocess.slice_size) == [48, 40]
+    assert (
+        fast.data.preprocess.n_slices
+        == compose_config("train", "debug=fast").data.preprocess.n_slices
+    )
+
+
 def test_missing_root_exit_2_one_line(tmp_path: Path) -> None:
     p = run(["phs.inspect", "data=brats", f"data.root={tmp_path / 'nowhere'}", *TINY], tmp_path)
     assert p.returncode == 2
