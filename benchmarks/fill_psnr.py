@@ -3,7 +3,8 @@ and what each costs per call (a batch of 4 demo slices, 104 x 80, 2 threads).
 
 The blend region is the true lesion, closed and dilated as the default blend does with S's mask
 (``options.blend_close`` / ``options.blend_dilate`` pixels); PSNR is inside the true lesion on
-the validation split. ``--sizes`` also tries the texture fill's sizes (in pixels: the local
+the validation split, as is each fill's brightness there against the truth's, filled from the
+pathological slice and from the true healthy one. ``--sizes`` also tries the texture fill's sizes (in pixels: the local
 brightness's Gaussian, the mirrored detail's high-pass, the midline search), for example at
 the paper's 1 mm against the 2 mm they were chosen at, and how far the aligned mirror shifts
 the flipped slice to meet the brain's own midline. Usage:
@@ -62,6 +63,10 @@ def main(overrides: list[str], sizes: bool = False) -> dict[str, float]:
                 "midline_px": s,
             }
     err = dict.fromkeys(fills, 0.0)
+    # each fill's brightness in the lesion: filled from the pathological slice (what G sees) and
+    # from the true healthy slice with the same region (lesions outside it would brighten the first)
+    bright = {k: dict.fromkeys(fills, 0.0) for k in ("pathological", "healthy")}
+    truth_sum = 0.0
     shifts: list[int] = []  # the aligned mirror's shift per slice, searched over +-8 px
     n = 0.0
     for batch in dm.val_dataloader():
@@ -70,11 +75,23 @@ def main(overrides: list[str], sizes: bool = False) -> dict[str, float]:
         for name, kwargs in fills.items():
             filled, _ = inpaint_input(x, w, **kwargs)
             err[name] += float(((filled - truth) ** 2 * m).sum())
+            bright["pathological"][name] += float((filled * m).sum())
+            bright["healthy"][name] += float((inpaint_input(truth, w, **kwargs)[0] * m).sum())
         n += float(m.sum())
+        truth_sum += float((truth * m).sum())
         if sizes:
             shifts += aligned_mirror(x, nonzero(x) * (1 - w), 8)[2].tolist()
     psnr = {name: 10 * math.log10(1 / (e / n)) for name, e in err.items()}
     print(" | ".join(f"{fill} {psnr[fill]:.1f} dB" for fill in FILLS))
+    print(
+        "brightness in the lesion against the truth's (pooled), filled from the pathological / "
+        "the true healthy slice: "
+        + " | ".join(
+            f"{fill} {100 * (bright['pathological'][fill] / truth_sum - 1):+.1f} / "
+            f"{100 * (bright['healthy'][fill] / truth_sum - 1):+.1f} %"
+            for fill in FILLS
+        )
+    )
     if sizes:
         print(
             "texture fill sizes (px): brightness b, detail d, midline search s -> PSNR in the lesion"
