@@ -18,7 +18,9 @@ Options beyond the paper (all off by default in the paper's configuration):
                        necrotic core that S leaves out, so that G repaints it too.
   cycle_detach_lesion: in cycle P-H, R receives G(x_p) with the gradient into G stopped inside
                        the lesion (the true mask when paired, S's when unpaired), so L_CC cannot
-                       reward G for leaving lesion traces for R to rebuild from.
+                       reward G for leaving lesion traces for R to rebuild from. "region" (with
+                       mask_blend): stopped in the whole blend region too (the ring the closing
+                       and dilation add around the lesion).
   seg_loss:            "dice" (the paper's L_Seg) or "dice_bce" (Dice + binary cross-entropy).
   hh_masks:            "empty" (the paper: cycle H-H feeds R an empty mask) or "real": R puts a
                        lesion on the healthy slice along a real mask from another volume, and
@@ -211,7 +213,7 @@ class ProposedPaired(PHSMethod):
         n_critic_warmup: int = 10,
         warmup_epochs: int = 25,
         mask_blend: bool = False,
-        cycle_detach_lesion: bool = False,
+        cycle_detach_lesion: bool | str = False,
         seg_loss: str = "dice",
         hh_masks: str = "empty",
         blend_dilate: int = 0,
@@ -248,6 +250,12 @@ class ProposedPaired(PHSMethod):
         if gan_region and not mask_blend:
             raise ValueError("gan_region needs mask_blend=true (D_x judges the repainted region)")
         self.gan_region = gan_region
+        if cycle_detach_lesion not in (True, False, "region"):
+            raise ValueError(
+                f"cycle_detach_lesion must be true, false or region, not '{cycle_detach_lesion}'"
+            )
+        if cycle_detach_lesion == "region" and not mask_blend:
+            raise ValueError("cycle_detach_lesion=region needs mask_blend=true")
         self.cycle_detach_lesion, self.seg_loss, self.hh_masks = (
             cycle_detach_lesion,
             seg_loss,
@@ -318,6 +326,8 @@ class ProposedPaired(PHSMethod):
         x_ph_cycle = x_ph
         if self.cycle_detach_lesion:
             lesion = self.lesion(batch, m_ph).to(x_ph.dtype)
+            if self.cycle_detach_lesion == "region":
+                lesion = torch.maximum(lesion, w_ph.detach().to(x_ph.dtype))
             x_ph_cycle = lesion * x_ph.detach() + (1 - lesion) * x_ph
         x_rec = self.R(torch.cat([x_ph_cycle, m_ph], 1))
         if self.hh_masks == "paste":
