@@ -162,6 +162,29 @@ def test_cycle_gradient_into_g_inside_the_lesion(tmp_path: Path, detach: bool) -
     assert (inside == 0) if detach else (inside > 0)
 
 
+@pytest.mark.parametrize("detach", [True, "region"])
+def test_cycle_gradient_into_g_in_the_blend_ring(tmp_path: Path, detach: bool | str) -> None:
+    """``cycle_detach_lesion=region`` also stops L_CC's gradient into G(x_p) in the ring that
+    the blend's closing and dilation add around the lesion; ``true`` stops it in the lesion only."""
+    cfg = tiny_config(tmp_path, None, f"options.cycle_detach_lesion={detach}")
+    model = hydra.utils.instantiate(cfg.model)
+    assert model.mask_blend and model.blend_dilate > 0
+    x, _, m = _pair(shape=(48, 40))
+    batch = {"x_p": x, "m_p": m, "x_h": x.flip(-1), "m_real": m.flip(-2)}
+    model.S = _Constant(m[:1])  # S marks the true lesion: the blend region is it, grown
+    x_ph = torch.rand_like(x).requires_grad_()
+    model.G = _Fixed(x_ph)
+    c = model.fakes(batch)
+    (grad,) = torch.autograd.grad(model.generator_loss(batch, c)["cc_ph"], x_ph)
+    ring = (c["w_ph"] > 0.999) & (m < 0.5)
+    assert ring.any() and grad[m > 0.5].abs().sum() == 0
+    assert (grad[ring].abs().sum() == 0) == (detach == "region")
+    with pytest.raises(InstantiationException, match="cycle_detach_lesion must be"):
+        hydra.utils.instantiate(
+            tiny_config(tmp_path, None, "options.cycle_detach_lesion=ring").model
+        )
+
+
 class _Fixed(torch.nn.Module):
     """Returns a given tensor for the first call, then its input image (channel 0)."""
 
