@@ -55,6 +55,6 @@ def wandb_logger(
     if mode != "online":
         kwargs["log_model"] = False  # W&B cannot upload checkpoints offline
     logger = WandbLogger(save_dir=save_dir, offline=mode != "online", id=run_id, **kwargs)
-    if resume_id_file and run_id and rank_zero_only.rank == 0:
+    if resume_id_file and rank_zero_only.rank == 0:  # run_id is set whenever the file is named
         Path(resume_id_file).write_text(run_id)
     return logger
