@@ -57,6 +57,11 @@ Options beyond the paper (all off by default in the paper's configuration):
                        G's repainting and x_h averaged over the mask's pixels only (the image
                        mean gives the few lesion pixels little weight: G then learns the
                        lesion interior slowly). 0: the paper's L_CC.
+  hh_region:           with mask_blend and hh_masks=real|paste, the region G repaints in cycle
+                       H-H: "s" (S's region on R's lesion, as at test) or "mask" (the H-H mask's
+                       own region, closed and dilated as the blend does): G then learns to repaint
+                       regions shaped like the true lesions that S's regions on real lesions
+                       resemble, not S's regions on R's renderings. S still learns the mask.
 """
 
 from __future__ import annotations
@@ -224,6 +229,7 @@ class ProposedPaired(PHSMethod):
         gan_region: bool = False,
         inpaint_fill: str = "mean",
         inpaint_in_brain: bool = False,
+        hh_region: str = "s",
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         if seg_loss not in ("dice", "dice_bce"):
@@ -261,6 +267,11 @@ class ProposedPaired(PHSMethod):
             seg_loss,
             hh_masks,
         )
+        if hh_region not in ("s", "mask"):
+            raise ValueError(f"hh_region must be 's' or 'mask', not '{hh_region}'")
+        if hh_region == "mask" and (not mask_blend or hh_masks == "empty"):
+            raise ValueError("hh_region=mask needs mask_blend=true and hh_masks=real or paste")
+        self.hh_region = hh_region
         self.G, self.S, self.R, self.D_x = generator, segmentor, reconstructor, discriminator
         lam = loss_weights(loss, {"lambda_cc": 10.0, "lambda_gan": 1.0, "lambda_seg": 10.0})
         self.lambda_cc, self.lambda_gan, self.lambda_seg = (
@@ -293,13 +304,14 @@ class ProposedPaired(PHSMethod):
         return x_ph, m
 
     def factorize_with_region(
-        self, x: torch.Tensor
+        self, x: torch.Tensor, region_of: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """:meth:`factorize` plus the region G repainted (None without ``mask_blend``)."""
+        """:meth:`factorize` plus the region G repainted (None without ``mask_blend``).
+        ``region_of``: a mask whose blend region G repaints instead of S's."""
         m = self.S(x)
         if not self.mask_blend:
             return self.G(x), m, None
-        w = self.blend_region(m)
+        w = self.blend_region(m if region_of is None else region_of)
         if self.blend_in_brain:
             w = w * brain_region(x)
         g_in = x
@@ -336,7 +348,10 @@ class ProposedPaired(PHSMethod):
             x_hh = self.R(torch.cat([x_h, m_h], 1))  # cycle H-H
         # with real masks the pair (R(x_h, m), x_h) supervises G and S only: R is not taught
         # to make G's job easy by drawing faint lesions
-        x_hh_rec, m_hh_rec = self.factorize(x_hh.detach() if self.hh_masks != "empty" else x_hh)
+        region = m_h * nonzero(x_h) if self.hh_region == "mask" else None  # cut to the brain
+        x_hh_rec, m_hh_rec, _ = self.factorize_with_region(
+            x_hh.detach() if self.hh_masks != "empty" else x_hh, region
+        )
         return {
             "x_ph": x_ph,
             "m_ph": m_ph,
