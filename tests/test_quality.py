@@ -185,6 +185,36 @@ def test_cycle_gradient_into_g_in_the_blend_ring(tmp_path: Path, detach: bool | 
         )
 
 
+@pytest.mark.parametrize("hh_region", ["s", "mask"])
+def test_hh_region_is_where_g_repaints_in_cycle_hh(tmp_path: Path, hh_region: str) -> None:
+    """In cycle H-H, G repaints S's region of R's lesion (``s``) or the H-H mask's own blend
+    region (``mask``): with S seeing nothing, only ``mask`` changes R's output there."""
+    cfg = tiny_config(tmp_path, None, f"options.hh_region={hh_region}")
+    model = hydra.utils.instantiate(cfg.model)
+    assert model.hh_masks == "real" and model.mask_blend
+    x, _, m = _pair(shape=(48, 40))
+    batch = {"x_p": x, "m_p": m, "x_h": x.flip(-1), "m_real": m.flip(-2)}
+    model.S = _Constant(torch.zeros_like(m[:1]))  # S finds no lesion anywhere
+    with torch.no_grad():
+        c = model.fakes(batch)
+    changed = (c["x_hh_rec"] - c["x_hh"]).abs() > 1e-6
+    region = model.blend_region(batch["m_real"]) > 0
+    assert not changed[~region].any()  # never outside the mask's region
+    assert changed[region].any() == (hh_region == "mask")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["options.hh_region=true"], "hh_region must be 's' or 'mask'"),
+        (["options.hh_region=mask", "options.hh_masks=empty"], "hh_region=mask needs"),
+    ],
+)
+def test_hh_region_values_are_checked(tmp_path: Path, overrides: list[str], match: str) -> None:
+    with pytest.raises(InstantiationException, match=match):
+        hydra.utils.instantiate(tiny_config(tmp_path, None, *overrides).model)
+
+
 class _Fixed(torch.nn.Module):
     """Returns a given tensor for the first call, then its input image (channel 0)."""
 
