@@ -62,6 +62,10 @@ Options beyond the paper (all off by default in the paper's configuration):
                        own region, closed and dilated as the blend does): G then learns to repaint
                        regions shaped like the true lesions that S's regions on real lesions
                        resemble, not S's regions on R's renderings. S still learns the mask.
+  fill_dilate:         with inpaint, the filled region is S's mask closed as the blend's and
+                       dilated by this many pixels (null: blend_dilate, the whole blend region):
+                       with fewer than blend_dilate, G repaints the ring around the lesion seeing
+                       the tissue that is there instead of the fill.
 """
 
 from __future__ import annotations
@@ -230,6 +234,7 @@ class ProposedPaired(PHSMethod):
         inpaint_fill: str = "mean",
         inpaint_in_brain: bool = False,
         hh_region: str = "s",
+        fill_dilate: int | None = None,
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         if seg_loss not in ("dice", "dice_bce"):
@@ -272,6 +277,12 @@ class ProposedPaired(PHSMethod):
         if hh_region == "mask" and (not mask_blend or hh_masks == "empty"):
             raise ValueError("hh_region=mask needs mask_blend=true and hh_masks=real or paste")
         self.hh_region = hh_region
+        if fill_dilate is not None and not (inpaint and 0 <= int(fill_dilate) <= int(blend_dilate)):
+            raise ValueError(
+                f"fill_dilate needs inpaint=true and 0 <= fill_dilate <= blend_dilate "
+                f"({blend_dilate}), not {fill_dilate}"
+            )
+        self.fill_dilate = None if fill_dilate is None else int(fill_dilate)
         self.G, self.S, self.R, self.D_x = generator, segmentor, reconstructor, discriminator
         lam = loss_weights(loss, {"lambda_cc": 10.0, "lambda_gan": 1.0, "lambda_seg": 10.0})
         self.lambda_cc, self.lambda_gan, self.lambda_seg = (
@@ -311,20 +322,28 @@ class ProposedPaired(PHSMethod):
         m = self.S(x)
         if not self.mask_blend:
             return self.G(x), m, None
-        w = self.blend_region(m if region_of is None else region_of)
+        base = m if region_of is None else region_of
+        w = self.blend_region(base)
         if self.blend_in_brain:
             w = w * brain_region(x)
         g_in = x
         if self.inpaint:
             brain = brain_region(x) if self.inpaint_in_brain else None
-            g_in = torch.cat(inpaint_input(x, w.detach(), self.inpaint_fill, brain=brain), 1)
+            hide = (
+                w
+                if self.fill_dilate is None
+                else torch.minimum(self.blend_region(base, self.fill_dilate), w)
+            )
+            g_in = torch.cat(inpaint_input(x, hide.detach(), self.inpaint_fill, brain=brain), 1)
         return w * self.G(g_in) + (1 - w) * x, m, w
 
-    def blend_region(self, m: torch.Tensor) -> torch.Tensor:
+    def blend_region(self, m: torch.Tensor, grow: int | None = None) -> torch.Tensor:
         """Where G's output replaces the input: S's mask, closed (``blend_close``: fills holes such
-        as a necrotic core S leaves out) and dilated (``blend_dilate``: the border)."""
+        as a necrotic core S leaves out) and dilated (``blend_dilate``, or ``grow``: the
+        border)."""
+        grow = self.blend_dilate if grow is None else grow
         w = closing(m, self.blend_close) if self.blend_close > 0 else m
-        return dilate(w, self.blend_dilate) if self.blend_dilate > 0 else w
+        return dilate(w, grow) if grow > 0 else w
 
     # -- the losses -------------------------------------------------------------------------------
     def fakes(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
