@@ -215,6 +215,40 @@ def test_hh_region_values_are_checked(tmp_path: Path, overrides: list[str], matc
         hydra.utils.instantiate(tiny_config(tmp_path, None, *overrides).model)
 
 
+@pytest.mark.parametrize("fill_dilate", [None, 0])
+def test_fill_dilate_shows_g_the_ring_it_repaints(tmp_path: Path, fill_dilate: int | None) -> None:
+    """``fill_dilate=0``: G's input is filled only in S's closed mask, and G sees the tissue of
+    the ring the blend's dilation adds; null fills the whole blend region. G's output replaces
+    the input in the whole blend region either way."""
+    cfg = tiny_config(tmp_path, None, f"options.fill_dilate={'null' if fill_dilate is None else 0}")
+    model = hydra.utils.instantiate(cfg.model)
+    assert model.inpaint and model.blend_dilate > 0
+    x, _, m = _pair(shape=(48, 40))
+    model.S = _Constant(m[:1])
+    seen = []
+    model.G = _Capture(seen)
+    with torch.no_grad():
+        _, _, w = model.factorize_with_region(x)
+    filled, region = seen[0][:, :1], seen[0][:, 1:]
+    ring = (w > 0.999) & (model.blend_region(m, 0) < 0.5)
+    assert ring.any()
+    assert torch.equal(filled[ring] == x[ring], torch.full_like(x[ring], fill_dilate == 0).bool())
+    assert (region[ring] == 0).all() == (fill_dilate == 0)
+    assert not (filled[m > 0.5] == x[m > 0.5]).all()  # the lesion itself is always filled
+
+
+class _Capture(torch.nn.Module):
+    """Records its input and returns its image channel."""
+
+    def __init__(self, seen: list) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x)
+        return x[:, :1]
+
+
 class _Fixed(torch.nn.Module):
     """Returns a given tensor for the first call, then its input image (channel 0)."""
 
