@@ -1,0 +1,80 @@
+"""What the blend's ring costs: PSNR inside the true lesion and in the ring the blend region adds
+around it (S's region, closed and dilated, minus the true lesion), against the truth, on the
+validation split of a paired inpainting run; the input's PSNR in the ring for comparison.
+
+G's output is computed once, as trained; then blended into the input with S's region dilated
+by 2, 1 and 0 pixels (up to the run's own ``blend_dilate``; at inference only; the ring is always the run's own one), which tells how
+much of the ring's error lies in its outer band and what narrowing the blend would give up
+inside the lesion.
+
+Usage: ``python benchmarks/ring_psnr.py RUN [RUN ...]`` (pooled over pixels).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import hydra
+import torch
+from omegaconf import OmegaConf
+
+from phs.checkpoint import load_method
+from phs.methods.proposed import brain_region, inpaint_input
+
+
+def psnr(se: float, n: float) -> float:
+    return 10 * math.log10(n / max(se, 1e-12))
+
+
+def main(run: str, dilations: tuple[int, ...] = (2, 1, 0)) -> dict[str, float]:
+    model, cfg = load_method(f"{run}/checkpoints/last.ckpt")
+    data = OmegaConf.create(cfg["data"])
+    data.datalist_out = None
+    dm = hydra.utils.instantiate(data)
+    dm.prepare_data()
+    dm.setup("fit")
+    dilations = tuple(r for r in dilations if r <= model.blend_dilate)
+    sums: dict[str, float] = {}
+
+    def add(key: str, se: torch.Tensor, where: torch.Tensor) -> None:
+        sums[f"{key}/se"] = sums.get(f"{key}/se", 0.0) + float(se[where].sum())
+        sums[f"{key}/n"] = sums.get(f"{key}/n", 0.0) + float(where.sum())
+
+    with torch.no_grad():
+        for b in dm.val_dataloader():
+            x, truth = b["x_p"], b["x_gt"]
+            lesion = b["m_p"] > 0.5
+            m = model.S(x)
+            w = model.blend_region(m)
+            if model.blend_in_brain:
+                w = w * brain_region(x)
+            hide = w
+            if model.fill_dilate is not None:
+                hide = torch.minimum(model.blend_region(m, model.fill_dilate), w)
+            brain = brain_region(x) if model.inpaint_in_brain else None
+            g = model.G(torch.cat(inpaint_input(x, hide, model.inpaint_fill, brain=brain), 1))
+            ring = (w > 0.02) & ~lesion
+            add("input/ring", (x - truth) ** 2, ring)
+            for r in dilations:
+                wr = torch.minimum(model.blend_region(m, r), w)
+                out = wr * g + (1 - wr) * x
+                add(f"{r}/lesion", (out - truth) ** 2, lesion)
+                add(f"{r}/ring", (out - truth) ** 2, ring)
+    result = {k[:-3]: psnr(sums[k], sums[k[:-3] + "/n"]) for k in sums if k.endswith("/se")}
+    area = sums["input/ring/n"] / sums[f"{dilations[0]}/lesion/n"]
+    print(
+        f"{run} (validation): the ring is {area:.1f} x the lesion's area; input in the ring "
+        f"{result['input/ring']:.2f} dB"
+    )
+    for r in dilations:
+        print(
+            f"  blend dilated by {r} px: lesion {result[f'{r}/lesion']:.2f} dB, "
+            f"ring {result[f'{r}/ring']:.2f} dB"
+        )
+    return result
+
+
+if __name__ == "__main__":
+    for run in sys.argv[1:]:
+        main(run)
