@@ -20,23 +20,17 @@ from __future__ import annotations
 
 import sys
 
-import hydra
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from phs.checkpoint import load_method
+from phs.checkpoint import load_method, run_data
 from phs.data.datamodule import EvalSlices
 from phs.methods.proposed import closing, dilate, inpaint_input, nonzero
 
 
 def main(run: str, n_batches: int = 61, n_eval_batches: int = 40) -> dict[str, dict[str, float]]:
     model, cfg = load_method(f"{run}/checkpoints/last.ckpt")
-    data = OmegaConf.create(cfg["data"])
-    data.datalist_out = None
-    dm = hydra.utils.instantiate(data)
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = run_data(cfg)
     close, grow = int(cfg["options"]["blend_close"]), int(cfg["options"]["blend_dilate"])
     fill = cfg["options"]["inpaint_fill"]
     sums: dict[str, float] = {}

@@ -20,11 +20,9 @@ import argparse
 import math
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import OmegaConf
 
-from phs.checkpoint import load_method
+from phs.checkpoint import load_method, run_data
 from phs.methods.proposed import inpaint_input
 from phs.metrics import healthiness, masked_psnr, texture_ratio
 
@@ -45,11 +43,7 @@ def repaint_gain(
     model, cfg = load_method(ckpt)
     if not getattr(model, "inpaint", False):
         raise SystemExit(f"{run}: not an inpainting model (options.inpaint=false)")
-    data = OmegaConf.create(cfg["data"])
-    data.datalist_out, data.progress = None, False
-    dm = hydra.utils.instantiate(data)
-    dm.prepare_data()
-    dm.setup("test" if split == "test" else "fit")
+    dm = run_data(cfg, "test" if split == "test" else "fit")
     loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
     fill = fill or model.inpaint_fill
     seg = load_method(f_pre)[0].S if f_pre else None

@@ -15,11 +15,9 @@ from __future__ import annotations
 import math
 import sys
 
-import hydra
 import torch
-from omegaconf import OmegaConf
 
-from phs.checkpoint import load_method
+from phs.checkpoint import load_method, run_data
 from phs.methods.proposed import brain_region, inpaint_input
 
 
@@ -29,11 +27,7 @@ def psnr(se: float, n: float) -> float:
 
 def main(run: str, dilations: tuple[int, ...] = (2, 1, 0)) -> dict[str, float]:
     model, cfg = load_method(f"{run}/checkpoints/last.ckpt")
-    data = OmegaConf.create(cfg["data"])
-    data.datalist_out = None
-    dm = hydra.utils.instantiate(data)
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = run_data(cfg)
     dilations = tuple(r for r in dilations if r <= model.blend_dilate)
     sums: dict[str, float] = {}
 

@@ -77,3 +77,14 @@ def load_method(path: str | Path) -> tuple[Any, dict[str, Any]]:
         first = str(err).strip().splitlines()[0]
         raise PhsError(f"checkpoint '{path}' does not match its model config: {first}") from None
     return model.eval(), cfg
+
+
+def run_data(cfg: dict[str, Any], stage: str = "fit") -> Any:
+    """The data module a run was trained on (its resolved config ``cfg``), prepared and set up
+    for ``stage``, without writing a datalist or showing progress: for tools that score a run."""
+    data = OmegaConf.create(cfg["data"])
+    data.datalist_out, data.progress = None, False
+    dm = hydra.utils.instantiate(data)
+    dm.prepare_data()
+    dm.setup(stage)
+    return dm
