@@ -337,7 +337,7 @@ def test_ema_warms_up_then_decays() -> None:
 def test_checkpoint_holds_the_weight_average(brats_root: Path, tmp_path: Path) -> None:
     """With callbacks.ema (the default) the checkpoint's state_dict is the average, which
     load_method (evaluate, synthesize) reads; the raw weights are kept for resuming."""
-    from phs.checkpoint import load_method
+    from phs.checkpoint import load_method, run_data
 
     train(tiny_config(tmp_path, brats_root, "model=proposed_paired", "test=false"))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -345,9 +345,13 @@ def test_checkpoint_holds_the_weight_average(brats_root: Path, tmp_path: Path) -
     avg, raw = ckpt["state_dict"], ckpt["current_model_state"]
     assert avg.keys() == raw.keys()
     assert any(not torch.equal(avg[k], raw[k]) for k in avg if avg[k].is_floating_point())
-    model, _ = load_method(last)
+    model, cfg = load_method(last)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, avg[k])
+    # the run's own data, as the scoring tools (benchmarks/repaint_*.py) rebuild it
+    dm = run_data(cfg)
+    assert {"training", "validation"} <= set(dm.stores)
+    assert dm.datalist_out is None and dm.root == cfg["data"]["root"]
 
 
 def test_linear_lr_decay_schedule_and_what_a_run_ends_with(
