@@ -322,20 +322,26 @@ class ProposedPaired(PHSMethod):
         m = self.S(x)
         if not self.mask_blend:
             return self.G(x), m, None
-        base = m if region_of is None else region_of
-        w = self.blend_region(base)
+        g, w = self.repaint(x, m if region_of is None else region_of)
+        return w * g + (1 - w) * x, m, w
+
+    def repaint(self, x: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """G's own output, before the blend, and the blend region of ``base`` (a soft mask) in
+        which it replaces ``x``; with ``inpaint`` G sees that region (or the smaller
+        ``fill_dilate`` one) filled."""
+        closed = closing(base, self.blend_close) if self.blend_close > 0 else base
+        w = dilate(closed, self.blend_dilate) if self.blend_dilate > 0 else closed
         if self.blend_in_brain:
             w = w * brain_region(x)
-        g_in = x
-        if self.inpaint:
-            brain = brain_region(x) if self.inpaint_in_brain else None
-            hide = (
-                w
-                if self.fill_dilate is None
-                else torch.minimum(self.blend_region(base, self.fill_dilate), w)
-            )
-            g_in = torch.cat(inpaint_input(x, hide.detach(), self.inpaint_fill, brain=brain), 1)
-        return w * self.G(g_in) + (1 - w) * x, m, w
+        if not self.inpaint:
+            return self.G(x), w
+        hide = w
+        if self.fill_dilate is not None:
+            grown = dilate(closed, self.fill_dilate) if self.fill_dilate > 0 else closed
+            hide = torch.minimum(grown, w)
+        brain = brain_region(x) if self.inpaint_in_brain else None
+        g_in = inpaint_input(x, hide.detach(), self.inpaint_fill, brain=brain)
+        return self.G(torch.cat(g_in, 1)), w
 
     def blend_region(self, m: torch.Tensor, grow: int | None = None) -> torch.Tensor:
         """Where G's output replaces the input: S's mask, closed (``blend_close``: fills holes such
