@@ -25,20 +25,18 @@ from torch.utils.data import DataLoader
 
 from phs.checkpoint import load_method, run_data
 from phs.data.datamodule import EvalSlices
-from phs.methods.proposed import closing, dilate, inpaint_input, nonzero
+from phs.methods.proposed import inpaint_input, nonzero
 
 
 def main(run: str, n_batches: int = 61, n_eval_batches: int = 40) -> dict[str, dict[str, float]]:
     model, cfg = load_method(f"{run}/checkpoints/last.ckpt")
     dm = run_data(cfg)
-    close, grow = int(cfg["options"]["blend_close"]), int(cfg["options"]["blend_dilate"])
-    fill = cfg["options"]["inpaint_fill"]
     sums: dict[str, float] = {}
 
     def add(name: str, image: torch.Tensor, m: torch.Tensor, truth: torch.Tensor, w=None) -> None:
         if w is None:  # the true region
-            w = dilate(closing(m, close), grow) * nonzero(truth)
-        filled, _ = inpaint_input(image, w, fill)
+            w = model.blend_region(m) * nonzero(truth)
+        filled, _ = inpaint_input(image, w, model.inpaint_fill)
         g = model.G(torch.cat([filled, w], 1))
         for k, v in (("fill", filled), ("G", g), ("truth", truth)):
             sums[f"{name}/{k}"] = sums.get(f"{name}/{k}", 0.0) + float((v * m).sum())

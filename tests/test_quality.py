@@ -350,7 +350,7 @@ def test_blend_close_fills_a_core_s_leaves_out(tmp_path: Path) -> None:
     torch.testing.assert_close(out[~region], x[~region])
 
 
-@pytest.mark.parametrize("r", [1, 2, 4])
+@pytest.mark.parametrize("r", [0, 1, 2, 4])
 def test_dilate_is_the_square_max_filter(r: int) -> None:
     """The separable dilation takes, at every pixel, the max over the (2r+1)^2 square around it
     (clipped at the image's edge), on a soft mask with lesions touching the edges."""

@@ -84,7 +84,10 @@ from phs.methods.base import OptimizerFactory, PHSMethod, loss_weights
 
 def dilate(w: torch.Tensor, r: int) -> torch.Tensor:
     """Grey-level dilation of a (soft) mask by ``r`` pixels (max over a square), as a column max
-    then a row max: the same values as one square max filter, at half its cost for r = 4."""
+    then a row max: the same values as one square max filter, at half its cost for r = 4; r = 0
+    returns ``w`` itself."""
+    if r == 0:
+        return w
     k = 2 * r + 1
     w = F.max_pool2d(w, (k, 1), stride=1, padding=(r, 0))
     return F.max_pool2d(w, (1, k), stride=1, padding=(0, r))
@@ -329,16 +332,13 @@ class ProposedPaired(PHSMethod):
         """G's own output, before the blend, and the blend region of ``base`` (a soft mask) in
         which it replaces ``x``; with ``inpaint`` G sees that region (or the smaller
         ``fill_dilate`` one) filled."""
-        closed = closing(base, self.blend_close) if self.blend_close > 0 else base
-        w = dilate(closed, self.blend_dilate) if self.blend_dilate > 0 else closed
+        closed = closing(base, self.blend_close)
+        w = dilate(closed, self.blend_dilate)
         if self.blend_in_brain:
             w = w * brain_region(x)
         if not self.inpaint:
             return self.G(x), w
-        hide = w
-        if self.fill_dilate is not None:
-            grown = dilate(closed, self.fill_dilate) if self.fill_dilate > 0 else closed
-            hide = torch.minimum(grown, w)
+        hide = w if self.fill_dilate is None else torch.minimum(dilate(closed, self.fill_dilate), w)
         brain = brain_region(x) if self.inpaint_in_brain else None
         g_in = inpaint_input(x, hide.detach(), self.inpaint_fill, brain=brain)
         return self.G(torch.cat(g_in, 1)), w
@@ -347,9 +347,7 @@ class ProposedPaired(PHSMethod):
         """Where G's output replaces the input: S's mask, closed (``blend_close``: fills holes such
         as a necrotic core S leaves out) and dilated (``blend_dilate``, or ``grow``: the
         border)."""
-        grow = self.blend_dilate if grow is None else grow
-        w = closing(m, self.blend_close) if self.blend_close > 0 else m
-        return dilate(w, grow) if grow > 0 else w
+        return dilate(closing(m, self.blend_close), self.blend_dilate if grow is None else grow)
 
     # -- the losses -------------------------------------------------------------------------------
     def fakes(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
