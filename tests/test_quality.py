@@ -541,6 +541,28 @@ def test_texture_fill_keeps_fine_detail_but_not_large_structures() -> None:
         inpaint_input(x, w, "noise")
 
 
+def test_texture_contrast_fill_follows_the_mirrored_regions_brightness() -> None:
+    """options.inpaint_fill=texture_contrast: a region lying in darker tissue than the ring around
+    it (a dark patch in both hemispheres) is filled with the mirrored patch's brightness, where the
+    texture fill gives it the ring's; outside the region x is kept."""
+    from phs.methods.proposed import inpaint_input
+
+    x = torch.zeros(1, 1, 40, 40)
+    x[..., 4:36, 4:36] = 0.7
+    x[..., 14:26, 8:16] = 0.6  # darker tissue on the left ...
+    x[..., 14:26, 24:32] = 0.6  # ... and its mirror image on the right
+    w = torch.zeros_like(x)
+    w[..., 14:26, 8:16] = 1.0  # the region: the left patch, as if it held a lesion
+    inside = w.bool()
+    texture, _ = inpaint_input(x, w, "texture")
+    contrast, _ = inpaint_input(x, w, "texture_contrast")
+    err_texture = (texture[inside] - 0.6).abs().mean()
+    err_contrast = (contrast[inside] - 0.6).abs().mean()
+    assert err_texture > 0.05  # the ring's brightness, too bright
+    assert err_contrast < 0.7 * err_texture  # part of the way: the contrast is smoothed too
+    torch.testing.assert_close(contrast[~inside], x[~inside])
+
+
 def test_inpaint_output_ignores_what_is_inside_the_region(tmp_path: Path) -> None:
     """With inpaint, G repaints the blend region from its surroundings: two images that differ
     only inside it (a bright lesion vs a dark core) get the same pseudo-healthy image."""

@@ -41,8 +41,10 @@ Options beyond the paper (all off by default in the paper's configuration):
                        the brain no longer makes G paint tissue into the background.
   inpaint_fill:        with inpaint, what fills the region: "mean" (the brain's mean intensity)
                        or "mirror" (the image flipped left-right, the other hemisphere's tissue,
-                       where that is brain outside the region; the mean elsewhere), or "texture"
-                       (the local brightness plus only the fine detail of the mirrored tissue).
+                       where that is brain outside the region; the mean elsewhere), "texture"
+                       (the local brightness plus only the fine detail of the mirrored tissue), or
+                       "texture_contrast" (texture, shifted by how much brighter or darker the
+                       mirrored region is than the mirrored ring around it).
   inpaint_in_brain:    with inpaint, the fill goes only into the region's brain pixels (the
                        input's non-zero pixels, closed): where a region at the brain's edge
                        reaches into the background, G sees the background and the brain's
@@ -103,7 +105,7 @@ def nonzero(x: torch.Tensor) -> torch.Tensor:
     return (x > 1e-3).to(x.dtype)
 
 
-FILLS = ("mean", "mirror", "texture")
+FILLS = ("mean", "mirror", "texture", "texture_contrast")
 
 
 @functools.lru_cache(maxsize=8)
@@ -159,6 +161,7 @@ def inpaint_input(
     brightness_px: float = 8.0,
     detail_px: float = 1.0,
     midline_px: int = 4,
+    contrast_px: float = 6.0,
     brain: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """G's input with ``inpaint``: the image with the region ``w`` filled, and ``w`` itself.
@@ -169,6 +172,10 @@ def inpaint_input(
     around the region, smoothed over 8 pixels) plus only the fine detail (high-pass, 1 pixel,
     clipped to 15 % of the mean) of the other hemisphere, mirrored about the brain's midline:
     gyri and sulci to start from, but no large structure such as a ventricle's edge.
+    ``"texture_contrast"``: the texture fill, shifted by how much brighter or darker the mirrored
+    tissue is in the region than in the ring around it (both smoothed over ``contrast_px``,
+    clipped to 15 % of the mean): the local brightness is the ring's, and a region that lies in
+    darker tissue than its ring (white matter under bright cortex) is filled too bright without.
 
     The texture fill's sizes are in pixels (``brightness_px``, ``detail_px``, and ``midline_px``,
     how far off-centre the midline is looked for): chosen at 2 mm, they do as well at 1 mm
@@ -184,11 +191,15 @@ def inpaint_input(
     if fill == "mirror":
         usable = around.flip(-1)  # the mirrored pixel is brain and outside the region
         value = usable * x.flip(-1) + (1 - usable) * value
-    elif fill == "texture":
+    elif fill.startswith("texture"):
         local = smooth(x, around, brightness_px, fallback=value)  # mean far inside a large region
         mirror, usable, _ = aligned_mirror(x, around, midline_px)
         detail = (mirror - smooth(mirror, usable, detail_px)) * usable
         limit = 0.15 * value
+        if fill == "texture_contrast":  # the mirrored region's brightness against its ring's
+            inside = smooth(mirror, usable, contrast_px, fallback=value)
+            ring = smooth(mirror, usable * around, contrast_px, fallback=value)
+            local = local + (inside - ring).clamp(-limit, limit)
         value = local + detail.clamp(-limit, limit)
     filled = w if brain is None else w * brain
     return filled * value + (1 - filled) * x, w
