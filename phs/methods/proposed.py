@@ -191,7 +191,7 @@ def inpaint_input(
     if fill == "mirror":
         usable = around.flip(-1)  # the mirrored pixel is brain and outside the region
         value = usable * x.flip(-1) + (1 - usable) * value
-    elif fill.startswith("texture"):
+    elif fill in ("texture", "texture_contrast"):
         local = smooth(x, around, brightness_px, fallback=value)  # mean far inside a large region
         mirror, usable, _ = aligned_mirror(x, around, midline_px)
         detail = (mirror - smooth(mirror, usable, detail_px)) * usable
