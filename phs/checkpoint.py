@@ -65,8 +65,20 @@ def check_importable(target: str, what: str) -> None:
         raise PhsError(f"{what} is {target}, but module '{module}' has no '{name}'")
 
 
-def load_method(path: str | Path) -> tuple[Any, dict[str, Any]]:
-    """``(model in eval mode, resolved run config)`` from a checkpoint written by ``phs.train``."""
+def check_blend_dilate(value: Any) -> None:
+    """A one-line error unless ``value`` (the inference ``blend_dilate``) is null or a whole
+    number >= 0 (checked before torch loads)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise PhsError(
+            f"blend_dilate must be null (as trained) or a whole number of pixels >= 0, not '{value}'"
+        )
+
+
+def load_method(path: str | Path, blend_dilate: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """``(model in eval mode, resolved run config)`` from a checkpoint written by ``phs.train``.
+    ``blend_dilate``: the pixels S's closed mask grows by before G's output replaces the input,
+    instead of the ``options.blend_dilate`` it was trained with (a model with the mask blend)."""
+    check_blend_dilate(blend_dilate)
     ckpt = read_checkpoint(path)
     cfg = ckpt["phs_config"]
     check_importable(cfg["model"].get("_target_", ""), f"the model of checkpoint '{path}'")
@@ -76,6 +88,13 @@ def load_method(path: str | Path) -> tuple[Any, dict[str, Any]]:
     except Exception as err:
         first = str(err).strip().splitlines()[0]
         raise PhsError(f"checkpoint '{path}' does not match its model config: {first}") from None
+    if blend_dilate is not None:
+        if not getattr(model, "mask_blend", False):
+            raise PhsError(
+                f"blend_dilate={blend_dilate}, but checkpoint '{path}' has no mask blend (only the "
+                "proposed methods trained with options.mask_blend=true have one): leave it null"
+            )
+        model.blend_dilate = blend_dilate
     return model.eval(), cfg
 
 

@@ -32,7 +32,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     metrics = evaluate_checkpoint(
-        cfg.ckpt_path, cfg.segmentor_ckpt, cfg.get("data"), out_dir, cfg.accelerator, cfg.split
+        cfg.ckpt_path,
+        cfg.segmentor_ckpt,
+        cfg.get("data"),
+        out_dir,
+        cfg.accelerator,
+        cfg.split,
+        blend_dilate=cfg.get("blend_dilate"),
     )
     print("\n".join(summary_lines(metrics)))
     print(f"metrics: {out_dir / 'metrics.json'}")

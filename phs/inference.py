@@ -40,10 +40,11 @@ LOST_BRAIN_WARN = 1e-3
 
 
 def load_for_inference(
-    ckpt_path: str, device: str
+    ckpt_path: str, device: str, blend_dilate: int | None = None
 ) -> tuple[Any, PreprocessConfig, torch.device, str]:
     """``(model on the device, the training preprocessing, the device, the modality it was
-    trained on)``; ``device=auto`` picks CUDA when there is one."""
+    trained on)``; ``device=auto`` picks CUDA when there is one; ``blend_dilate``: the blend
+    region's growth in pixels instead of the trained one (:func:`phs.checkpoint.load_method`)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -51,7 +52,7 @@ def load_for_inference(
     if dev.type == "cuda" and (dev.index or 0) >= n:
         build = "a CPU build" if torch.version.cuda is None else f"a CUDA build seeing {n} GPU(s)"
         raise PhsError(f"device={device}, but torch {torch.__version__} is {build}; use device=cpu")
-    model, run_cfg = load_method(ckpt_path)
+    model, run_cfg = load_method(ckpt_path, blend_dilate)
     pre = PreprocessConfig.from_dict(run_cfg["data"]["preprocess"])
     return model.to(dev), pre, dev, str(run_cfg["data"].get("modality") or "flair")
 

@@ -421,7 +421,10 @@ def check_train(cfg: DictConfig) -> None:
 
 
 def check_evaluate(cfg: Mapping[str, Any]) -> None:
-    """A ``phs.evaluate`` config (conf/evaluate.yaml): its seed and accelerator."""
+    """A ``phs.evaluate`` config (conf/evaluate.yaml): its seed, accelerator and blend_dilate."""
+    from phs.checkpoint import check_blend_dilate
+
+    check_blend_dilate(cfg.get("blend_dilate"))
     seed = cfg.get("seed")
     if not NUMBERS["seed"].allows(seed):
         raise PhsError(f"seed must be {NUMBERS['seed']}, not {seed!r}")

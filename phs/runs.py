@@ -273,15 +273,16 @@ def evaluate_checkpoint(
     accelerator: str = "auto",
     split: str = "test",
     precision: str | None = None,
+    blend_dilate: int | None = None,
 ) -> Summary:
     """Test one checkpoint (with f_pre when given) on ``split`` (``test`` or ``validation``) in
-    ``precision`` (None: the precision it was trained in, as its own test stage); write and
-    return its metrics."""
+    ``precision`` (None: the precision it was trained in, as its own test stage), with its blend
+    region grown by ``blend_dilate`` pixels (None: as trained); write and return its metrics."""
     split = {"val": "validation"}.get(split, split)
     if split not in ("test", "validation"):
         raise PhsError(f"split must be 'test' or 'validation', not '{split}'")
     quiet_lightning()
-    model, run_cfg = load_method(ckpt_path)
+    model, run_cfg = load_method(ckpt_path, blend_dilate)
     if segmentor_ckpt:
         model.attach_f_pre(load_f_pre(segmentor_ckpt, run_cfg))
     datamodule = hydra.utils.instantiate(data_config(run_cfg, data, out_dir))

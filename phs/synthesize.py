@@ -23,7 +23,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from phs.checkpoint import checkpoint_file
+from phs.checkpoint import check_blend_dilate, checkpoint_file
 from phs.cli import friendly_errors
 from phs.data.checks import check_files
 from phs.data.discovery import find_images
@@ -52,10 +52,18 @@ def check_options(cfg: DictConfig) -> None:
         raise PhsError(f"min_lesion_mm3 must be a volume in mm³ >= 0 (0: keep all), not '{small}'")
     if not isinstance(cfg.threshold, int | float) or not 0 <= cfg.threshold <= 1:
         raise PhsError(f"threshold must be a probability in [0, 1], not '{cfg.threshold}'")
+    check_blend_dilate(cfg.get("blend_dilate"))
 
 
 DONE = "synthesize_case.json"  # in each case folder, written once its outputs are complete
-OPTIONS = ("intensity", "threshold", "min_lesion_mm3", "slices", "preview")  # they change outputs
+OPTIONS = (
+    "intensity",
+    "threshold",
+    "min_lesion_mm3",
+    "slices",
+    "preview",
+    "blend_dilate",
+)  # they change outputs
 
 
 def _file_id(path: str | Path) -> dict[str, Any]:
@@ -138,7 +146,9 @@ def run(cfg: DictConfig) -> int:
 
     from phs.inference import load_for_inference, synthesize_case
 
-    model, pre, device, trained_on = load_for_inference(cfg.ckpt_path, cfg.device)
+    model, pre, device, trained_on = load_for_inference(
+        cfg.ckpt_path, cfg.device, cfg.get("blend_dilate")
+    )
     if modality is None and trained_on.lower() != "flair":  # a dataset folder: that modality
         cases = find_images(cfg.input, trained_on)
     failed, kept, found = [], [], []

@@ -158,8 +158,10 @@ APPS = [
                 "intensity=raw",
                 "min_lesion_mm3=-1",
                 "resume=maybe",
+                "blend_dilate=-1",
             )
         ),
+        ("phs.evaluate", ["ckpt_path=model.ckpt", "blend_dilate=1.5"], "blend_dilate must be"),
     ],
 )
 def test_config_errors_and_help_answer_before_torch_loads(

@@ -144,11 +144,35 @@ def test_every_method_checkpoint(model: str, tiny: dict, tmp_path: Path) -> None
     case_dir = tmp_path / "o" / "Brats18_SYN_1_1_flair"
     written = {f.name.removesuffix(".nii.gz") for f in case_dir.glob("*.nii.gz")}
     assert written == expected
+    if "pathology_mask" not in expected:  # no mask blend to narrow: refused, naming the option
+        args = [f"ckpt_path={ckpt}", f"input={img}", f"output={tmp_path / 'b'}", "blend_dilate=1"]
+        p = synth(args, tmp_path)
+        assert p.returncode == 2 and "has no mask blend" in p.stderr, p.stderr[-2000:]
     ref = nib.load(img)
     for name in expected:
         out = nib.load(case_dir / f"{name}.nii.gz")
         assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)
         assert np.isfinite(np.asarray(out.dataobj)).all()
+
+
+def test_blend_dilate_at_inference_grows_the_region_g_repaints(tiny: dict) -> None:
+    """``blend_dilate`` replaces the trained growth of S's closed mask: the pixels G's output
+    replaces grow with it, and nothing outside the grown region changes."""
+    from phs.checkpoint import load_method
+    from phs.methods.proposed import dilate
+
+    x = torch.rand(1, 1, 40, 32) * 0.5 + 0.2
+    lesion = torch.zeros_like(x)
+    lesion[..., 16:22, 12:18] = 1.0  # the region S would have found
+    changed = {}
+    for grow in (0, 3):
+        model, _ = load_method(tiny["ckpt"], blend_dilate=grow)
+        assert model.blend_dilate == grow
+        with torch.no_grad():
+            x_ph, _, w = model.factorize_with_region(x, region_of=lesion)
+        changed[grow] = (x_ph - x).abs() > 1e-6
+        assert not changed[grow][dilate(lesion, grow) < 0.5].any()
+    assert changed[3].sum() > changed[0].sum() and changed[0].any()
 
 
 def test_padding_is_background_for_a_z_scored_volume() -> None:
