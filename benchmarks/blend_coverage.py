@@ -39,10 +39,10 @@ def coverage(run: Path, split: str = "validation", crops: int = 0) -> dict[str, 
     with torch.no_grad():
         for batch in loader:
             x, lesion = batch["x_p"], batch["m_p"] > 0.5
-            s = model.S(x)
-            region = model.blend_region(s) > 0.5
+            x_ph, s, w = model.factorize_with_region(x)
+            region = w > 0.5
             if crops:
-                kept.append(slice_views(model, batch, s))
+                kept.append(slice_views(model, batch, x_ph, s, w))
             rim = ((x - batch["x_gt"]).abs() > CHANGED) & ~lesion
             counts = {
                 "lesion": lesion, "mask": s > 0.5, "region": region, "missed": lesion & ~region,
@@ -61,12 +61,13 @@ def coverage(run: Path, split: str = "validation", crops: int = 0) -> dict[str, 
     }
 
 
-def slice_views(model: torch.nn.Module, batch: dict, s: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What one batch looks like at each step of the repainting."""
+def slice_views(
+    model: torch.nn.Module, batch: dict, x_ph: torch.Tensor, s: torch.Tensor, w: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """What one batch looks like at each step of the repainting (G's input: the default fill
+    of the blend region, as ``repaint`` makes it without ``fill_dilate`` or ``inpaint_in_brain``)."""
     x = batch["x_p"]
-    w = model.blend_region(s)
     g_in = inpaint_input(x, w, model.inpaint_fill)[0] if model.inpaint else x
-    x_ph = model.factorize(x)[0]
     return {
         "input": x, "S's mask": s, "blend region": w, "G's input": g_in,
         "pseudo-healthy": x_ph, "truth": batch["x_gt"],

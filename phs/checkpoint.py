@@ -13,6 +13,7 @@ import hydra
 from omegaconf import OmegaConf
 
 from phs.errors import PhsError
+from phs.preflight import check_blend_dilate
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -63,15 +64,6 @@ def check_importable(target: str, what: str) -> None:
         ) from None
     if not found:
         raise PhsError(f"{what} is {target}, but module '{module}' has no '{name}'")
-
-
-def check_blend_dilate(value: Any) -> None:
-    """A one-line error unless ``value`` (the inference ``blend_dilate``) is null or a whole
-    number >= 0 (checked before torch loads)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise PhsError(
-            f"blend_dilate must be null (as trained) or a whole number of pixels >= 0, not '{value}'"
-        )
 
 
 def load_method(path: str | Path, blend_dilate: int | None = None) -> tuple[Any, dict[str, Any]]:

@@ -420,10 +420,18 @@ def check_train(cfg: DictConfig) -> None:
     )
 
 
+BLEND_DILATE = Rule(whole=True, low=0, also=(None,), also_text="null (as trained)")
+
+
+def check_blend_dilate(value: Any) -> None:
+    """The inference ``blend_dilate`` of ``phs.evaluate`` and ``phs.synthesize``: null or a whole
+    number of pixels >= 0."""
+    if not BLEND_DILATE.allows(value):
+        raise PhsError(f"blend_dilate must be {BLEND_DILATE}, not '{value}'")
+
+
 def check_evaluate(cfg: Mapping[str, Any]) -> None:
     """A ``phs.evaluate`` config (conf/evaluate.yaml): its seed, accelerator and blend_dilate."""
-    from phs.checkpoint import check_blend_dilate
-
     check_blend_dilate(cfg.get("blend_dilate"))
     seed = cfg.get("seed")
     if not NUMBERS["seed"].allows(seed):

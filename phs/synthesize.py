@@ -23,12 +23,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from phs.checkpoint import check_blend_dilate, checkpoint_file
+from phs.checkpoint import checkpoint_file
 from phs.cli import friendly_errors
 from phs.data.checks import check_files
 from phs.data.discovery import find_images
 from phs.errors import DataError, PhsError
 from phs.io import progress, write_json
+from phs.preflight import check_blend_dilate
 
 
 def check_options(cfg: DictConfig) -> None:

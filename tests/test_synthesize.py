@@ -169,7 +169,7 @@ def test_blend_dilate_at_inference_grows_the_region_g_repaints(tiny: dict) -> No
         model, _ = load_method(tiny["ckpt"], blend_dilate=grow)
         assert model.blend_dilate == grow
         with torch.no_grad():
-            x_ph, _, w = model.factorize_with_region(x, region_of=lesion)
+            x_ph, _, _ = model.factorize_with_region(x, region_of=lesion)
         changed[grow] = (x_ph - x).abs() > 1e-6
         assert not changed[grow][dilate(lesion, grow) < 0.5].any()
     assert changed[3].sum() > changed[0].sum() and changed[0].any()
