@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from phs.checkpoint import load_method, run_data
+from phs.checkpoint import load_method, split_loader
 from phs.methods.proposed import inpaint_input
 
 CHANGED = 0.02  # a pixel the lesion changes: |input - truth| above this (median-normalised)
@@ -32,8 +32,7 @@ def coverage(run: Path, split: str = "validation", crops: int = 0) -> dict[str, 
     model, cfg = load_method(run / "checkpoints" / "last.ckpt")
     if not getattr(model, "mask_blend", False):
         raise SystemExit(f"{run}: not a blending model (options.mask_blend=false)")
-    dm = run_data(cfg, "test" if split == "test" else "fit")
-    loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
+    loader = split_loader(cfg, split)
     n = dict.fromkeys(("lesion", "mask", "region", "missed", "rim", "rim_covered"), 0.0)
     kept: list[dict[str, torch.Tensor]] = []
     with torch.no_grad():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from phs.checkpoint import load_method, run_data
+from phs.checkpoint import load_method, split_loader
 from phs.methods.proposed import inpaint_input
 from phs.metrics import healthiness, masked_psnr, texture_ratio
 
@@ -43,8 +43,7 @@ def repaint_gain(
     model, cfg = load_method(ckpt)
     if not getattr(model, "inpaint", False):
         raise SystemExit(f"{run}: not an inpainting model (options.inpaint=false)")
-    dm = run_data(cfg, "test" if split == "test" else "fit")
-    loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
+    loader = split_loader(cfg, split)
     fill = fill or model.inpaint_fill
     seg = load_method(f_pre)[0].S if f_pre else None
     psnr: dict[str, list[float]] = {"G": [], "fill": [], "input": []}

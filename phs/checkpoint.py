@@ -99,3 +99,12 @@ def run_data(cfg: dict[str, Any], stage: str = "fit") -> Any:
     dm.prepare_data()
     dm.setup(stage)
     return dm
+
+
+def split_loader(cfg: dict[str, Any], split: str = "validation") -> Any:
+    """The data loader of one split (``validation`` or ``test``) of the data a run was trained on
+    (its resolved config ``cfg``): for tools that score a run on a split."""
+    if split not in ("validation", "test"):
+        raise PhsError(f"split must be 'validation' or 'test', not '{split}'")
+    dm = run_data(cfg, "test" if split == "test" else "fit")
+    return dm.test_dataloader() if split == "test" else dm.val_dataloader()

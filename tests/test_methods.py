@@ -337,7 +337,8 @@ def test_ema_warms_up_then_decays() -> None:
 def test_checkpoint_holds_the_weight_average(brats_root: Path, tmp_path: Path) -> None:
     """With callbacks.ema (the default) the checkpoint's state_dict is the average, which
     load_method (evaluate, synthesize) reads; the raw weights are kept for resuming."""
-    from phs.checkpoint import load_method, run_data
+    from phs.checkpoint import load_method, run_data, split_loader
+    from phs.errors import PhsError
 
     train(tiny_config(tmp_path, brats_root, "model=proposed_paired", "test=false"))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -352,6 +353,11 @@ def test_checkpoint_holds_the_weight_average(brats_root: Path, tmp_path: Path) -
     dm = run_data(cfg)
     assert {"training", "validation"} <= set(dm.stores)
     assert dm.datalist_out is None and dm.root == cfg["data"]["root"]
+    val, test = split_loader(cfg, "validation"), split_loader(cfg, "test")
+    torch.testing.assert_close(next(iter(val))["x_p"], next(iter(dm.val_dataloader()))["x_p"])
+    assert not torch.equal(next(iter(test))["x_p"], next(iter(val))["x_p"])
+    with pytest.raises(PhsError, match="validation"):
+        split_loader(cfg, "train")
 
 
 def test_linear_lr_decay_schedule_and_what_a_run_ends_with(
