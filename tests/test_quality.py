@@ -215,6 +215,45 @@ def test_hh_region_values_are_checked(tmp_path: Path, overrides: list[str], matc
         hydra.utils.instantiate(tiny_config(tmp_path, None, *overrides).model)
 
 
+@pytest.mark.parametrize("model_name", ["proposed_paired", "proposed_unpaired"])
+@pytest.mark.parametrize("cycle_mask", ["s", "closed"])
+def test_cycle_mask_is_what_r_rebuilds_from(
+    tmp_path: Path, model_name: str, cycle_mask: str
+) -> None:
+    """In cycle P-H (and at inference) R gets S's mask (``s``) or S's mask closed (``closed``):
+    a core S leaves out of the lesion is lesion to R only with ``closed``."""
+    cfg = tiny_config(tmp_path, None, f"model={model_name}", f"options.cycle_mask={cycle_mask}")
+    model = hydra.utils.instantiate(cfg.model)
+    x, _, m = _pair(shape=(48, 40))
+    yy, xx = torch.nonzero(m[0, 0], as_tuple=True)
+    cy, cx = int(yy.float().mean()), int(xx.float().mean())
+    core = torch.zeros_like(m[:1])
+    core[..., cy - 1 : cy + 2, cx - 1 : cx + 2] = 1
+    model.S = _Constant(m[:1] * (1 - core))  # S leaves a 3 x 3 core out
+    seen: list[torch.Tensor] = []
+    model.R = _Capture(seen)
+    batch = {"x_p": x, "m_p": m, "x_h": x.flip(-1), "m_real": m.flip(-2)}
+    with torch.no_grad():
+        model.fakes(batch)  # R's first call: cycle P-H
+        model.synthesize(x)  # the reconstruction
+    for r_in in (seen[0], seen[-1]):
+        got, inside = r_in[:, 1:], core[0, 0] > 0
+        assert (got[..., inside] == float(cycle_mask == "closed")).all()  # the core: 1 or 0
+        assert not got[..., m[0, 0] < 0.5].any()  # nothing added outside the lesion
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["options.cycle_mask=open"], "cycle_mask must be 's' or 'closed'"),
+        (["options.cycle_mask=closed", "options.blend_close=0"], "cycle_mask=closed needs"),
+    ],
+)
+def test_cycle_mask_values_are_checked(tmp_path: Path, overrides: list[str], match: str) -> None:
+    with pytest.raises(InstantiationException, match=match):
+        hydra.utils.instantiate(tiny_config(tmp_path, None, *overrides).model)
+
+
 @pytest.mark.parametrize("fill_dilate", [None, 0])
 def test_fill_dilate_shows_g_the_ring_it_repaints(tmp_path: Path, fill_dilate: int | None) -> None:
     """``fill_dilate=0``: G's input is filled only in S's closed mask, and G sees the tissue of

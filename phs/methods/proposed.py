@@ -68,6 +68,12 @@ Options beyond the paper (all off by default in the paper's configuration):
                        dilated by this many pixels (null: blend_dilate, the whole blend region):
                        with fewer than blend_dilate, G repaints the ring around the lesion seeing
                        the tissue that is there instead of the fill.
+  cycle_mask:          the mask R receives with G(x_p) in cycle P-H (and at inference): "s"
+                       (the paper: S(x_p)) or "closed" (S(x_p) closed with blend_close, as the
+                       blend region is): where S leaves a hole, such as a necrotic core, R is
+                       told it is lesion, so R learns to draw cores inside full masks, and its
+                       cycle H-H renderings on real masks (S's training pairs with hh_masks=real)
+                       show them.
 """
 
 from __future__ import annotations
@@ -249,6 +255,7 @@ class ProposedPaired(PHSMethod):
         inpaint_in_brain: bool = False,
         hh_region: str = "s",
         fill_dilate: int | None = None,
+        cycle_mask: str = "s",
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         if seg_loss not in ("dice", "dice_bce"):
@@ -297,6 +304,11 @@ class ProposedPaired(PHSMethod):
                 f"({blend_dilate}), not {fill_dilate}"
             )
         self.fill_dilate = None if fill_dilate is None else int(fill_dilate)
+        if cycle_mask not in ("s", "closed"):
+            raise ValueError(f"cycle_mask must be 's' or 'closed', not '{cycle_mask}'")
+        if cycle_mask == "closed" and not (mask_blend and int(blend_close) > 0):
+            raise ValueError("cycle_mask=closed needs mask_blend=true and blend_close > 0")
+        self.cycle_mask = cycle_mask
         self.G, self.S, self.R, self.D_x = generator, segmentor, reconstructor, discriminator
         lam = loss_weights(loss, {"lambda_cc": 10.0, "lambda_gan": 1.0, "lambda_seg": 10.0})
         self.lambda_cc, self.lambda_gan, self.lambda_seg = (
@@ -318,8 +330,13 @@ class ProposedPaired(PHSMethod):
         return {
             "pseudo_healthy": x_ph,
             "mask": m_ph,
-            "reconstruction": self.R(torch.cat([x_ph, m_ph], 1)),
+            "reconstruction": self.R(torch.cat([x_ph, self.mask_for_r(m_ph)], 1)),
         }
+
+    def mask_for_r(self, m: torch.Tensor) -> torch.Tensor:
+        """The mask R rebuilds the pathological image from: S's (the paper) or, with
+        ``cycle_mask=closed``, S's closed as the blend region is (holes such as cores filled)."""
+        return closing(m, self.blend_close) if self.cycle_mask == "closed" else m
 
     def factorize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pseudo-healthy image G(x) and the pathology mask S(x) (``mask_blend``: G's output
@@ -375,7 +392,7 @@ class ProposedPaired(PHSMethod):
             if self.cycle_detach_lesion == "region":
                 lesion = torch.maximum(lesion, w_ph.detach().to(x_ph.dtype))
             x_ph_cycle = lesion * x_ph.detach() + (1 - lesion) * x_ph
-        x_rec = self.R(torch.cat([x_ph_cycle, m_ph], 1))
+        x_rec = self.R(torch.cat([x_ph_cycle, self.mask_for_r(m_ph)], 1))
         if self.hh_masks == "paste":
             x_hh = m_h * x_p + (1 - m_h) * x_h
         else:
