@@ -1,12 +1,12 @@
 """Does S see R's renderings as it sees real lesions? With ``hh_masks=real``, cycle H-H trains S on
 R's renderings, R(x_h, m): a lesion drawn along a real mask on a healthy slice. When R draws
-lesions unlike the real ones (a uniform bright lesion where real tumours have a darker core),
-S learns to find R's lesions, not the real ones. For a trained proposed model, per ring inside
-the true mask (0: its border pixels, 1, 2, and 3+: the interior) and for the two rings outside
-it: how much the lesion changes the image (``|x - healthy|``) and S's mean probability there,
-for the real lesions (the input against the phantom's healthy truth) and for R's renderings
-(R on each slice's healthy truth with the next slice's true mask, against that truth). Also S's
-area and Dice against the mask, pooled over pixels.
+lesions unlike the real ones (a uniform bright lesion where real tumours have a darker core), S
+learns to find R's lesions, not the real ones. For a trained proposed model, per ring inside the
+true mask (0: its border pixels, 1, 2, and 3+: the interior) and for the two rings outside it:
+how much the lesion changes the image (``|x - healthy|``) and S's mean probability there, for
+the real lesions (the input against the phantom's healthy truth) and for R's renderings (R on
+each slice's healthy truth with the true mask of the slice before it in the batch, against that
+truth). Also S's area and Dice against the mask, pooled over pixels.
 
 Usage: ``python benchmarks/hh_gap.py RUN [RUN ...] [--split test]`` (validation by default; the
 phantom's ground truth is needed).
@@ -52,7 +52,7 @@ def hh_gap(run: Path, split: str = "validation") -> dict[str, dict[str, list[flo
         for batch in split_loader(cfg, split):
             x, truth = batch["x_p"], batch["x_gt"]
             m = (batch["m_p"] > 0.5).to(x.dtype)
-            m_other = m.roll(1, 0) * nonzero(truth)  # the next slice's lesion, in this brain
+            m_other = m.roll(1, 0) * nonzero(truth)  # the previous slice's lesion, in this brain
             rendered = model.R(torch.cat([truth, m_other], 1))
             for kind, image, mask in (("real", x, m), ("rendered", rendered, m_other)):
                 s = model.S(image).float()
