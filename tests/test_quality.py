@@ -208,9 +208,11 @@ def test_hh_region_is_where_g_repaints_in_cycle_hh(tmp_path: Path, hh_region: st
     [
         (["options.hh_region=true"], "hh_region must be 's' or 'mask'"),
         (["options.hh_region=mask", "options.hh_masks=empty"], "hh_region=mask needs"),
+        (["options.cycle_mask=open"], "cycle_mask must be 's' or 'closed'"),
+        (["options.cycle_mask=closed", "options.blend_close=0"], "cycle_mask=closed needs"),
     ],
 )
-def test_hh_region_values_are_checked(tmp_path: Path, overrides: list[str], match: str) -> None:
+def test_cycle_option_values_are_checked(tmp_path: Path, overrides: list[str], match: str) -> None:
     with pytest.raises(InstantiationException, match=match):
         hydra.utils.instantiate(tiny_config(tmp_path, None, *overrides).model)
 
@@ -240,18 +242,6 @@ def test_cycle_mask_is_what_r_rebuilds_from(
         got, inside = r_in[:, 1:], core[0, 0] > 0
         assert (got[..., inside] == float(cycle_mask == "closed")).all()  # the core: 1 or 0
         assert not got[..., m[0, 0] < 0.5].any()  # nothing added outside the lesion
-
-
-@pytest.mark.parametrize(
-    ("overrides", "match"),
-    [
-        (["options.cycle_mask=open"], "cycle_mask must be 's' or 'closed'"),
-        (["options.cycle_mask=closed", "options.blend_close=0"], "cycle_mask=closed needs"),
-    ],
-)
-def test_cycle_mask_values_are_checked(tmp_path: Path, overrides: list[str], match: str) -> None:
-    with pytest.raises(InstantiationException, match=match):
-        hydra.utils.instantiate(tiny_config(tmp_path, None, *overrides).model)
 
 
 @pytest.mark.parametrize("fill_dilate", [None, 0])
