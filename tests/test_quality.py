@@ -210,6 +210,9 @@ def test_hh_region_is_where_g_repaints_in_cycle_hh(tmp_path: Path, hh_region: st
         (["options.hh_region=mask", "options.hh_masks=empty"], "hh_region=mask needs"),
         (["options.cycle_mask=open"], "cycle_mask must be 's' or 'closed'"),
         (["options.cycle_mask=closed", "options.blend_close=0"], "cycle_mask=closed needs"),
+        (["model=proposed_unpaired", "options.mask_gan_ramp=[1.0,500]"], "mask_gan_ramp must be"),
+        (["model=proposed_unpaired", "options.mask_gan_ramp=[1.0,9,5]"], "mask_gan_ramp must be"),
+        (["model=proposed_unpaired", "options.mask_gan_ramp=[-1,0,5]"], "mask_gan_ramp must be"),
     ],
 )
 def test_cycle_option_values_are_checked(tmp_path: Path, overrides: list[str], match: str) -> None:
@@ -727,3 +730,33 @@ def test_what_d_m_sees_of_s_masks(tmp_path: Path, mode: str) -> None:
     assert grad.abs().sum() > 0
     model.discriminator_loss(batch, {k: v.detach() for k, v in c.items()})
     assert bool(((seen[-1] == 0) | (seen[-1] == 1)).all()) == (mode == "straight_through")
+
+
+@pytest.mark.parametrize("ramp", [None, [1.0, 4, 8], [0.5, 6, 6]])
+def test_mask_gan_ramp_schedules_lambda_3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ramp: list[float] | None
+) -> None:
+    """options.mask_gan_ramp=[w, a, b]: lambda_3 is w until step a, then linear to
+    mask_gan_weight at step b and after; without it lambda_3 is mask_gan_weight throughout. The
+    weight is the one L_GAN2 enters the generators' loss with."""
+    over = ["model=proposed_unpaired", "options.mask_gan_weight=3.0"]
+    if ramp is not None:
+        over.append(f"options.mask_gan_ramp=[{ramp[0]},{ramp[1]},{ramp[2]}]")
+    model = hydra.utils.instantiate(tiny_config(tmp_path, None, *over).model)
+    x, _, m = _pair(shape=(48, 40))
+    batch = {"x_p": x, "m_p": m, "x_h": x.flip(-1), "m_real": m.flip(-2)}
+    step = {"now": 0}  # the trainer's step counter, without a trainer
+    monkeypatch.setattr(type(model), "global_step", property(lambda self: step["now"]))
+    weights = []
+    for step["now"] in range(12):
+        weights.append(model.lambda_3())
+    t = model.generator_loss(batch, model.fakes(batch))
+    if ramp is None:
+        assert weights == [3.0] * 12
+    elif ramp[1] == ramp[2]:  # a step change at step 6
+        assert weights == [0.5] * 6 + [3.0] * 6
+    else:
+        assert weights[:5] == [1.0] * 5 and weights[8:] == [3.0] * 4
+        assert weights[5:8] == pytest.approx([1.5, 2.0, 2.5])
+    expected = model.lambda_cc * t["cc"] + model.lambda_gan * t["gan1"] + weights[-1] * t["gan2"]
+    assert torch.allclose(t["loss"], expected)

@@ -79,6 +79,7 @@ Options beyond the paper (all off by default in the paper's configuration):
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -506,6 +507,7 @@ class ProposedUnpaired(ProposedPaired):
         *args: Any,
         loss: dict[str, float] | None = None,
         mask_gan_input: str = "soft",
+        mask_gan_ramp: Sequence[float] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, loss={"lambda_gan": 2.0, **(loss or {})}, **kwargs)
@@ -516,7 +518,28 @@ class ProposedUnpaired(ProposedPaired):
                 f"mask_gan_input must be 'soft' or 'straight_through', not '{mask_gan_input}'"
             )
         self.mask_gan_input = mask_gan_input
+        if mask_gan_ramp is not None:
+            ramp = list(mask_gan_ramp)
+            if len(ramp) != 3 or not (ramp[0] >= 0 and 0 <= ramp[1] <= ramp[2]):
+                raise ValueError(
+                    "mask_gan_ramp must be [first_weight, first_step, last_step] with "
+                    f"first_weight >= 0 and 0 <= first_step <= last_step, not {ramp}"
+                )
+            mask_gan_ramp = (float(ramp[0]), int(ramp[1]), int(ramp[2]))
+        self.mask_gan_ramp = mask_gan_ramp
         self.D_m = mask_discriminator
+
+    def lambda_3(self) -> float:
+        """The weight of L_GAN2 at this step: ``lambda_seg``, or with ``mask_gan_ramp=[w, a, b]``
+        ``w`` until step ``a``, then linearly to ``lambda_seg`` at step ``b`` (S learns to mark
+        lesions under the light weight, then D_m's weight grows)."""
+        if self.mask_gan_ramp is None:
+            return self.lambda_seg
+        first, a, b = self.mask_gan_ramp
+        step = self.global_step
+        if step >= b:
+            return self.lambda_seg
+        return first if step <= a else first + (step - a) / (b - a) * (self.lambda_seg - first)
 
     def mask_for_d_m(self, m: torch.Tensor) -> torch.Tensor:
         """What D_m sees of S's mask: the soft mask (the paper), or with ``straight_through`` the
@@ -538,9 +561,10 @@ class ProposedUnpaired(ProposedPaired):
         t = self.cycle_terms(batch, c)
         t["gan1"] = self.image_gan(c)
         t["gan2"] = self.adv.generator(self.D_m(self.mask_for_d_m(c["m_ph"])))
-        t["loss"] = (
-            self.lambda_cc * t["cc"] + self.lambda_gan * t["gan1"] + self.lambda_seg * t["gan2"]
-        )
+        lambda_3 = self.lambda_3()
+        if self.mask_gan_ramp is not None:
+            self.log("train/lambda_3", lambda_3, on_step=True, on_epoch=False)
+        t["loss"] = self.lambda_cc * t["cc"] + self.lambda_gan * t["gan1"] + lambda_3 * t["gan2"]
         return t
 
     def discriminator_loss(self, batch, c):
