@@ -213,6 +213,7 @@ def test_hh_region_is_where_g_repaints_in_cycle_hh(tmp_path: Path, hh_region: st
         (["model=proposed_unpaired", "options.mask_gan_ramp=[1.0,500]"], "mask_gan_ramp must be"),
         (["model=proposed_unpaired", "options.mask_gan_ramp=[1.0,9,5]"], "mask_gan_ramp must be"),
         (["model=proposed_unpaired", "options.mask_gan_ramp=[-1,0,5]"], "mask_gan_ramp must be"),
+        (["model=proposed_unpaired", "options.mask_gan_ramp=[1,a,5]"], "mask_gan_ramp must be"),
     ],
 )
 def test_cycle_option_values_are_checked(tmp_path: Path, overrides: list[str], match: str) -> None:

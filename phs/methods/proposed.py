@@ -520,7 +520,10 @@ class ProposedUnpaired(ProposedPaired):
         self.mask_gan_input = mask_gan_input
         if mask_gan_ramp is not None:
             ramp = list(mask_gan_ramp)
-            if len(ramp) != 3 or not (ramp[0] >= 0 and 0 <= ramp[1] <= ramp[2]):
+            numbers = len(ramp) == 3 and all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in ramp
+            )
+            if not (numbers and ramp[0] >= 0 and 0 <= ramp[1] <= ramp[2]):
                 raise ValueError(
                     "mask_gan_ramp must be [first_weight, first_step, last_step] with "
                     f"first_weight >= 0 and 0 <= first_step <= last_step, not {ramp}"
