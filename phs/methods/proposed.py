@@ -55,6 +55,9 @@ Options beyond the paper (all off by default in the paper's configuration):
   mask_gan_input:      (unpaired) what D_m sees of S(x_p): "soft" (the paper) or
                        "straight_through" (thresholded at 0.5 forward, identity backward): real
                        masks are binary, so a soft mask is told apart by its softness alone.
+  mask_gan_ramp:       (unpaired) [w, a, b]: lambda_3 is w until step a, then rises linearly to
+                       its configured weight at step b (null: constant, the paper), so S can
+                       start under a light D_m before the weight grows.
   hh_lesion_weight:    with a non-empty H-H mask, L_CC gains this weight times the L1 between
                        G's repainting and x_h averaged over the mask's pixels only (the image
                        mean gives the few lesion pixels little weight: G then learns the
