@@ -38,6 +38,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         out_dir,
         cfg.accelerator,
         cfg.split,
+        precision=cfg.get("precision"),
         blend_dilate=cfg.get("blend_dilate"),
     )
     print("\n".join(summary_lines(metrics)))

@@ -430,9 +430,19 @@ def check_blend_dilate(value: Any) -> None:
         raise PhsError(f"blend_dilate must be {BLEND_DILATE}, not '{value}'")
 
 
+EVALUATE_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "auto")
+
+
 def check_evaluate(cfg: Mapping[str, Any]) -> None:
-    """A ``phs.evaluate`` config (conf/evaluate.yaml): its seed, accelerator and blend_dilate."""
+    """A ``phs.evaluate`` config (conf/evaluate.yaml): its seed, accelerator, precision and
+    blend_dilate."""
     check_blend_dilate(cfg.get("blend_dilate"))
+    precision = cfg.get("precision")
+    if precision is not None and str(precision) not in EVALUATE_PRECISIONS:
+        raise PhsError(
+            f"precision must be null (as trained) or one of {', '.join(EVALUATE_PRECISIONS)}, "
+            f"not {precision!r}"
+        )
     seed = cfg.get("seed")
     if not NUMBERS["seed"].allows(seed):
         raise PhsError(f"seed must be {NUMBERS['seed']}, not {seed!r}")

@@ -287,12 +287,14 @@ def evaluate_checkpoint(
         model.attach_f_pre(load_f_pre(segmentor_ckpt, run_cfg))
     datamodule = hydra.utils.instantiate(data_config(run_cfg, data, out_dir))
     datamodule.test_split = split
+    precision = resolve_precision(
+        precision or run_cfg.get("trainer", {}).get("precision", "32-true"), accelerator
+    )
+    log.info("evaluating %s on %s in precision %s", ckpt_path, split, precision)
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=1,
-        precision=resolve_precision(
-            precision or run_cfg.get("trainer", {}).get("precision", "32-true"), accelerator
-        ),
+        precision=precision,
         logger=False,
         default_root_dir=str(out_dir),
         enable_checkpointing=False,

@@ -162,6 +162,7 @@ APPS = [
             )
         ),
         ("phs.evaluate", ["ckpt_path=model.ckpt", "blend_dilate=1.5"], "blend_dilate must be"),
+        ("phs.evaluate", ["ckpt_path=model.ckpt", "precision=fp32"], "precision must be"),
     ],
 )
 def test_config_errors_and_help_answer_before_torch_loads(

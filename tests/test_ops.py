@@ -226,6 +226,32 @@ def test_precision_auto_trains_in_what_it_resolves_to(brats_root: Path, tmp_path
     assert ckpt["phs_config"]["trainer"]["precision"] == want
 
 
+def test_evaluate_runs_in_the_precision_asked_for(
+    brats_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``phs.evaluate precision=32-true`` scores a bf16-mixed run with an fp32 forward (null: as
+    trained); the metrics themselves are fp32 either way, and both are finite."""
+    import logging
+
+    from phs.runs import evaluate_checkpoint, train
+
+    train(tiny_config(tmp_path, brats_root, "trainer.precision=bf16-mixed", "test=false"))
+    ckpt = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    results = {}
+    for asked, want in ((None, "bf16-mixed"), ("32-true", "32-true")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="phs.runs"):
+            results[want] = evaluate_checkpoint(
+                ckpt, None, None, tmp_path / f"ev{want}", "cpu", precision=asked
+            )
+        assert f"in precision {want}" in caplog.text
+        assert math.isfinite(results[want]["identity"]["mean"])
+    # the same slices, scored close (bf16's forward rounds, it does not change the model)
+    bf16, fp32 = results["bf16-mixed"], results["32-true"]
+    assert bf16["identity"]["n"] == fp32["identity"]["n"] > 0
+    assert bf16["identity"]["mean"] == pytest.approx(fp32["identity"]["mean"], abs=0.05)
+
+
 def test_checkpoint_write_dying_half_way_keeps_the_previous_last_ckpt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
