@@ -214,6 +214,7 @@ def test_hh_region_is_where_g_repaints_in_cycle_hh(tmp_path: Path, hh_region: st
         (["model=proposed_unpaired", "options.mask_gan_ramp=[1.0,9,5]"], "mask_gan_ramp must be"),
         (["model=proposed_unpaired", "options.mask_gan_ramp=[-1,0,5]"], "mask_gan_ramp must be"),
         (["model=proposed_unpaired", "options.mask_gan_ramp=[1,a,5]"], "mask_gan_ramp must be"),
+        (["options.seg_loss=focal"], "seg_loss must be one of dice, dice_bce, tversky_bce"),
     ],
 )
 def test_cycle_option_values_are_checked(tmp_path: Path, overrides: list[str], match: str) -> None:
@@ -632,6 +633,30 @@ def test_f_pre_dice_bce_adds_the_cross_entropy(tmp_path: Path) -> None:
     expected = model.dice(f["m"], both) + bce(f["m"], both)
     torch.testing.assert_close(model.generator_loss(batch, f)["loss"], expected)
     assert bce(f["m"], both) > 0
+
+
+@pytest.mark.parametrize("seg_loss", ["dice_bce", "tversky_bce"])
+def test_tversky_seg_loss_charges_a_missed_pixel_more_than_a_false_one(
+    tmp_path: Path, seg_loss: str
+) -> None:
+    """L_Seg with ``tversky_bce``: a mask that misses 8 lesion pixels costs more than one that
+    adds 8 false ones (``dice_bce``: the Dice parts are close); the BCE term is in both."""
+    from phs.losses import bce
+
+    model = hydra.utils.instantiate(
+        tiny_config(tmp_path, None, f"options.seg_loss={seg_loss}").model
+    )
+    m = torch.zeros(1, 1, 16, 16)
+    m[..., 4:12, 4:12] = 1.0
+    missed, extra = m.clone(), m.clone()
+    missed[..., 4, 4:12] = 0.0
+    extra[..., 12, 4:12] = 1.0
+    overlap = {
+        k: model.segmentation_loss(p, {"m_p": m}) - bce(p, m)
+        for k, p in (("missed", missed), ("extra", extra))
+    }
+    ratio = float(overlap["missed"] / overlap["extra"])  # Dice: 0.067 / 0.059; Tversky: 2.5
+    assert ratio > 2.0 if seg_loss == "tversky_bce" else 1.0 < ratio < 1.3
 
 
 def _brain_with_a_core() -> torch.Tensor:

@@ -21,7 +21,9 @@ Options beyond the paper (all off by default in the paper's configuration):
                        reward G for leaving lesion traces for R to rebuild from. "region" (with
                        mask_blend): stopped in the whole blend region too (the ring the closing
                        and dilation add around the lesion).
-  seg_loss:            "dice" (the paper's L_Seg) or "dice_bce" (Dice + binary cross-entropy).
+  seg_loss:            "dice" (the paper's L_Seg), "dice_bce" (Dice + binary cross-entropy) or
+                       "tversky_bce" (Tversky with false negatives weighted 0.7, false positives
+                       0.3, + binary cross-entropy: towards recall of small lesions).
   hh_masks:            "empty" (the paper: cycle H-H feeds R an empty mask) or "real": R puts a
                        lesion on the healthy slice along a real mask from another volume, and
                        G must take it away again (L1 to x_h) while S finds it (L1 to the mask):
@@ -90,7 +92,7 @@ import torch.nn.functional as F
 from monai.networks.layers import GaussianFilter
 from torch import nn
 
-from phs.losses import Adversarial, bce, dice_loss, l1
+from phs.losses import Adversarial, bce, dice_loss, l1, tversky_loss
 from phs.methods.base import OptimizerFactory, PHSMethod, loss_weights
 
 
@@ -115,6 +117,7 @@ def nonzero(x: torch.Tensor) -> torch.Tensor:
     return (x > 1e-3).to(x.dtype)
 
 
+SEG_LOSSES = ("dice", "dice_bce", "tversky_bce")
 FILLS = ("mean", "mirror", "texture", "texture_contrast")
 
 
@@ -262,8 +265,8 @@ class ProposedPaired(PHSMethod):
         cycle_mask: str = "s",
     ) -> None:
         super().__init__(optimizer, optimizer_d)
-        if seg_loss not in ("dice", "dice_bce"):
-            raise ValueError(f"seg_loss must be 'dice' or 'dice_bce', not '{seg_loss}'")
+        if seg_loss not in SEG_LOSSES:
+            raise ValueError(f"seg_loss must be one of {', '.join(SEG_LOSSES)}, not '{seg_loss}'")
         if hh_masks not in ("empty", "real", "paste"):
             raise ValueError(f"hh_masks must be 'empty', 'real' or 'paste', not '{hh_masks}'")
         self.mask_blend, self.blend_dilate = mask_blend, int(blend_dilate)
@@ -326,7 +329,7 @@ class ProposedPaired(PHSMethod):
             n_critic_warmup,
             warmup_epochs,
         )
-        self.dice = dice_loss()
+        self.dice = tversky_loss() if seg_loss == "tversky_bce" else dice_loss()
 
     # -- inference --------------------------------------------------------------------------------
     def synthesize(self, x_p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -423,9 +426,10 @@ class ProposedPaired(PHSMethod):
         return (batch["m_p"] > 0.5).float()
 
     def segmentation_loss(self, m_ph: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """L_Seg: Dice between S(x_p) and its annotated mask (+ BCE with ``dice_bce``)."""
+        """L_Seg: Dice between S(x_p) and its annotated mask (Tversky with ``tversky_bce``; + BCE
+        with ``dice_bce`` and ``tversky_bce``)."""
         loss = self.dice(m_ph, batch["m_p"])
-        if self.seg_loss == "dice_bce":
+        if self.seg_loss in ("dice_bce", "tversky_bce"):
             loss = loss + bce(m_ph, batch["m_p"])
         return loss
 
