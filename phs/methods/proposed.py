@@ -329,7 +329,7 @@ class ProposedPaired(PHSMethod):
             n_critic_warmup,
             warmup_epochs,
         )
-        self.dice = tversky_loss() if seg_loss == "tversky_bce" else dice_loss()
+        self.overlap = tversky_loss() if seg_loss == "tversky_bce" else dice_loss()
 
     # -- inference --------------------------------------------------------------------------------
     def synthesize(self, x_p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -428,7 +428,7 @@ class ProposedPaired(PHSMethod):
     def segmentation_loss(self, m_ph: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """L_Seg: Dice between S(x_p) and its annotated mask (Tversky with ``tversky_bce``; + BCE
         with ``dice_bce`` and ``tversky_bce``)."""
-        loss = self.dice(m_ph, batch["m_p"])
+        loss = self.overlap(m_ph, batch["m_p"])
         if self.seg_loss in ("dice_bce", "tversky_bce"):
             loss = loss + bce(m_ph, batch["m_p"])
         return loss
