@@ -155,17 +155,17 @@ LESION_COUNTS = (
 
 
 def lesion_counts(
-    pred: torch.Tensor, target: torch.Tensor, small_pixels: float
+    pred: torch.Tensor, target: torch.Tensor, small_pixels: float, threshold: float = 0.5
 ) -> dict[str, torch.Tensor]:
     """Lesion-wise counts per slice ``[B]``: the true lesions (8-connected components of
-    ``target > 0.5``) and how many the predicted mask (``pred > 0.5``) touches; the same for the
+    ``target > 0.5``) and how many the predicted mask (``pred > threshold``) touches; the same for the
     small ones (fewer than ``small_pixels`` pixels); the predicted components and how many of them
     touch no true lesion (false detections). On the CPU (scipy's labelling): test stage only."""
     import numpy as np
     from scipy import ndimage
 
     eight = np.ones((3, 3), bool)
-    pred_np = (pred.detach() > 0.5).cpu().numpy()[:, 0]
+    pred_np = (pred.detach() > threshold).cpu().numpy()[:, 0]
     true_np = (target.detach() > 0.5).cpu().numpy()[:, 0]
     rows = []
     for p, t in zip(pred_np, true_np, strict=True):
