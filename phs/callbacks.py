@@ -93,10 +93,12 @@ class LinearLRDecay(pl.Callback):
 class SampleGrid(pl.Callback):
     """A PNG grid of ``n_samples`` validation/test slices spread over the split (evenly spaced,
     so several cases appear), with every visual the method declares: ``val_samples.png`` (latest
-    validation) and ``test_samples.png`` in the run folder."""
+    validation) and ``test_samples.png`` in the run folder. ``title``: the grid's title instead of
+    "<stage>, step N" (``phs.evaluate`` names the split and the checkpoint's step)."""
 
-    def __init__(self, n_samples: int = 6) -> None:
+    def __init__(self, n_samples: int = 6, title: str | None = None) -> None:
         self.n_samples = n_samples
+        self.title = title
 
     def _save(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loaders: Any, name: str
@@ -116,7 +118,7 @@ class SampleGrid(pl.Callback):
         path = save_grid(
             vis,
             Path(trainer.default_root_dir) / f"{name}_samples.png",
-            f"{name}, step {trainer.global_step}",
+            self.title or f"{name}, step {trainer.global_step}",
         )
         log_image(trainer, f"{name}/samples", path)
 

@@ -87,6 +87,7 @@ def load_method(path: str | Path, blend_dilate: int | None = None) -> tuple[Any,
                 "proposed methods trained with options.mask_blend=true have one): leave it null"
             )
         model.blend_dilate = blend_dilate
+    model.trained_steps = int(ckpt.get("global_step", 0))  # for titles: the step it was saved at
     return model.eval(), cfg
 
 

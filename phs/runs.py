@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from phs.callbacks import SampleGrid
 from phs.checkpoint import check_importable, load_method
 from phs.errors import PhsError
 from phs.evaluation import Evaluator, Summary, write_metrics
@@ -299,7 +300,7 @@ def evaluate_checkpoint(
         default_root_dir=str(out_dir),
         enable_checkpointing=False,
         callbacks=[
-            hydra.utils.instantiate({"_target_": "phs.callbacks.SampleGrid", "n_samples": 6})
+            SampleGrid(6, f"{split} split, {Path(ckpt_path).name} of step {model.trained_steps}")
         ],
     )
     trainer.test(model, datamodule=datamodule)
