@@ -13,6 +13,7 @@ from conftest import compose_config, tiny_config
 from hydra.errors import InstantiationException
 
 from phs import metrics
+from phs.methods.proposed import dilate
 from phs.nets import ResnetGenerator
 from phs.train import train
 
@@ -203,9 +204,29 @@ def test_hh_region_is_where_g_repaints_in_cycle_hh(tmp_path: Path, hh_region: st
     assert changed[region].any() == (hh_region == "mask")
 
 
+@pytest.mark.parametrize("grow", [None, 0, 1])
+def test_hh_render_dilate_keeps_r_lesion_within_the_mask(tmp_path: Path, grow: int | None) -> None:
+    """``hh_render_dilate``: cycle H-H's image is R's rendering inside the H-H mask grown by that
+    many pixels and x_h itself beyond it; unset, R changes pixels past the mask too."""
+    value = "null" if grow is None else grow
+    model = hydra.utils.instantiate(
+        tiny_config(tmp_path, None, f"options.hh_render_dilate={value}").model
+    )
+    x, _, m = _pair(shape=(48, 40))
+    batch = {"x_p": x, "m_p": m, "x_h": x.flip(-1), "m_real": m.flip(-2)}
+    with torch.no_grad():
+        c = model.fakes(batch)
+    changed = (c["x_hh"] - batch["x_h"]).abs() > 1e-6
+    near = dilate(batch["m_real"], 0 if grow is None else grow) > 0
+    assert changed[near].any()
+    assert changed[~near].any() == (grow is None)
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
+        (["options.hh_render_dilate=-1"], "hh_render_dilate needs"),
+        (["options.hh_render_dilate=1", "options.hh_masks=empty"], "hh_render_dilate needs"),
         (["options.hh_region=true"], "hh_region must be 's' or 'mask'"),
         (["options.hh_region=mask", "options.hh_masks=empty"], "hh_region=mask needs"),
         (["options.cycle_mask=open"], "cycle_mask must be 's' or 'closed'"),
@@ -388,7 +409,6 @@ def test_blend_close_fills_a_core_s_leaves_out(tmp_path: Path) -> None:
 def test_dilate_is_the_square_max_filter(r: int) -> None:
     """The separable dilation takes, at every pixel, the max over the (2r+1)^2 square around it
     (clipped at the image's edge), on a soft mask with lesions touching the edges."""
-    from phs.methods.proposed import dilate
 
     w = torch.rand(2, 1, 23, 17) * (torch.rand(2, 1, 23, 17) > 0.9)
     w[0, 0, 0, 0], w[1, 0, -1, 5] = 1.0, 0.7

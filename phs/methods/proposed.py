@@ -69,6 +69,10 @@ Options beyond the paper (all off by default in the paper's configuration):
                        own region, closed and dilated as the blend does): G then learns to repaint
                        regions shaped like the true lesions that S's regions on real lesions
                        resemble, not S's regions on R's renderings. S still learns the mask.
+  hh_render_dilate:    with hh_masks=real, R's rendering of the H-H lesion is kept only within
+                       the H-H mask dilated by this many pixels (x_h elsewhere; null: all of R's
+                       output). R draws a faint halo past the mask that real lesions lack; G,
+                       taught to remove it, darkens the ring around real lesions.
   fill_dilate:         with inpaint, the filled region is S's mask closed as the blend's and
                        dilated by this many pixels (null: blend_dilate, the whole blend region):
                        with fewer than blend_dilate, G repaints the ring around the lesion seeing
@@ -263,6 +267,7 @@ class ProposedPaired(PHSMethod):
         hh_region: str = "s",
         fill_dilate: int | None = None,
         cycle_mask: str = "s",
+        hh_render_dilate: int | None = None,
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         if seg_loss not in SEG_LOSSES:
@@ -316,6 +321,11 @@ class ProposedPaired(PHSMethod):
         if cycle_mask == "closed" and not (mask_blend and int(blend_close) > 0):
             raise ValueError("cycle_mask=closed needs mask_blend=true and blend_close > 0")
         self.cycle_mask = cycle_mask
+        if hh_render_dilate is not None and not (hh_masks == "real" and int(hh_render_dilate) >= 0):
+            raise ValueError(
+                f"hh_render_dilate needs hh_masks=real and a value >= 0, not {hh_render_dilate}"
+            )
+        self.hh_render_dilate = None if hh_render_dilate is None else int(hh_render_dilate)
         self.G, self.S, self.R, self.D_x = generator, segmentor, reconstructor, discriminator
         lam = loss_weights(loss, {"lambda_cc": 10.0, "lambda_gan": 1.0, "lambda_seg": 10.0})
         self.lambda_cc, self.lambda_gan, self.lambda_seg = (
@@ -404,6 +414,9 @@ class ProposedPaired(PHSMethod):
             x_hh = m_h * x_p + (1 - m_h) * x_h
         else:
             x_hh = self.R(torch.cat([x_h, m_h], 1))  # cycle H-H
+            if self.hh_render_dilate is not None:  # R's lesion without its halo
+                keep = dilate(m_h, self.hh_render_dilate)
+                x_hh = keep * x_hh + (1 - keep) * x_h
         # with real masks the pair (R(x_h, m), x_h) supervises G and S only: R is not taught
         # to make G's job easy by drawing faint lesions
         region = m_h * nonzero(x_h) if self.hh_region == "mask" else None  # cut to the brain
