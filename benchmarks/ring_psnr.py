@@ -5,7 +5,10 @@ validation split of a paired inpainting run; the input's PSNR in the ring for co
 G's output is computed once, as trained; then blended into the input with S's region dilated
 by 2, 1 and 0 pixels (up to the run's own ``blend_dilate``; at inference only; the ring is always the run's own one), which tells how
 much of the ring's error lies in its outer band and what narrowing the blend would give up
-inside the lesion.
+inside the lesion. Then the mean signed error of the output as trained (output minus truth) in
+the ring, by distance from the true lesion (1, 2, 3, 4+ pixels): negative is darker than the
+truth (a dark outline at the region's edge shows as the largest distances going negative),
+and the same for the fill G starts from (inpainting runs): whether G or its input darkens it.
 
 Usage: ``python benchmarks/ring_psnr.py RUN [RUN ...]`` (pooled over pixels).
 """
@@ -16,8 +19,10 @@ import math
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from phs.checkpoint import load_method, run_data
+from phs.methods.proposed import inpaint_input
 
 
 def psnr(se: float, n: float) -> float:
@@ -42,6 +47,20 @@ def main(run: str, dilations: tuple[int, ...] = (2, 1, 0)) -> dict[str, float]:
             g, w = model.repaint(x, m)  # G's output once, as trained
             ring = (w > 0.02) & ~lesion
             add("input/ring", (x - truth) ** 2, ring)
+            out = w * g + (1 - w) * x
+            images = {"bias": out}
+            if model.inpaint:
+                images["fill"] = w * inpaint_input(x, w, model.inpaint_fill)[0] + (1 - w) * x
+            grown = lesion
+            for d in range(1, 5):  # pixel distance bands around the true lesion (8-connected)
+                band = ring & ~grown
+                if d < 4:
+                    band &= F.max_pool2d(grown.float(), 3, 1, 1) > 0
+                    grown = grown | band
+                for name, image in images.items():
+                    key = f"{name}{d}/sum"
+                    sums[key] = sums.get(key, 0.0) + float((image - truth)[band].sum())
+                sums[f"bias{d}/n"] = sums.get(f"bias{d}/n", 0.0) + float(band.sum())
             for r in dilations:
                 wr = torch.minimum(model.blend_region(m, r), w)
                 out = wr * g + (1 - wr) * x
@@ -58,6 +77,17 @@ def main(run: str, dilations: tuple[int, ...] = (2, 1, 0)) -> dict[str, float]:
             f"  blend dilated by {r} px: lesion {result[f'{r}/lesion']:.2f} dB, "
             f"ring {result[f'{r}/ring']:.2f} dB"
         )
+    share = [sums[f"bias{d}/n"] / sums["input/ring/n"] for d in range(1, 5)]
+    print(
+        "  signed error in the ring by distance from the lesion, 1 / 2 / 3 / 4+ px (share of the "
+        "ring: " + " / ".join(f"{a:.0%}" for a in share) + "):"
+    )
+    for name, label in (("bias", "output - truth"), ("fill", "fill - truth")):
+        if f"{name}1/sum" not in sums:
+            continue
+        bias = [sums[f"{name}{d}/sum"] / max(sums[f"bias{d}/n"], 1.0) for d in range(1, 5)]
+        print(f"    {label}: " + " / ".join(f"{b:+.3f}" for b in bias))
+        result.update({f"{name}{d}": b for d, b in zip(range(1, 5), bias, strict=True)})
     return result
 
 
