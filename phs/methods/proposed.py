@@ -71,8 +71,9 @@ Options beyond the paper (all off by default in the paper's configuration):
                        resemble, not S's regions on R's renderings. S still learns the mask.
   hh_render_dilate:    with hh_masks=real, R's rendering of the H-H lesion is kept only within
                        the H-H mask dilated by this many pixels (x_h elsewhere; null: all of R's
-                       output). R draws a faint halo past the mask that real lesions lack; G,
-                       taught to remove it, darkens the ring around real lesions.
+                       output). R draws a faint halo past the mask that real lesions lack,
+                       which G is then taught to remove: part of why G darkens the ring around
+                       real plaques (docs/reproduce.md).
   fill_dilate:         with inpaint, the filled region is S's mask closed as the blend's and
                        dilated by this many pixels (null: blend_dilate, the whole blend region):
                        with fewer than blend_dilate, G repaints the ring around the lesion seeing
