@@ -83,6 +83,9 @@ NUMBERS: dict[str, Rule] = {
     "net.seg_dropout": PROBABILITY,
     "options.blend_dilate": WHOLE_0,
     "options.blend_close": WHOLE_0,
+    "options.hh_render_dilate": Rule(
+        whole=True, low=0, also=(None,), also_text="null (R's whole rendering)"
+    ),
     "options.hh_lesion_weight": NOT_NEGATIVE,
     "options.mask_gan_weight": NOT_NEGATIVE,
     "data.preprocess.n_slices": WHOLE_1,

@@ -127,6 +127,11 @@ def test_the_preflight_needs_no_torch_for_a_plain_config() -> None:
         ("model.loss.lambda_cc=abc", "model.loss.lambda_cc must be a number >= 0, not 'abc'"),
         ("options.blend_dilate=-2", "options.blend_dilate must be a whole number >= 0, not -2"),
         (
+            "options.hh_render_dilate=1.5",
+            "options.hh_render_dilate must be a whole number >= 0, or null (R's whole rendering), "
+            "not 1.5",
+        ),
+        (
             "data.preprocess.slice_size=[abc,32]",
             "data.preprocess.slice_size must be two whole numbers >= 8 (rows, columns), not "
             "['abc', 32]",
