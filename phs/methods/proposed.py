@@ -72,8 +72,8 @@ Options beyond the paper (all off by default in the paper's configuration):
   hh_render_dilate:    with hh_masks=real, R's rendering of the H-H lesion is kept only within
                        the H-H mask dilated by this many pixels (x_h elsewhere; null: all of R's
                        output). R draws a faint halo past the mask that real lesions lack,
-                       which G is then taught to remove: part of why G darkens the ring around
-                       real plaques (docs/reproduce.md).
+                       which G is then taught to remove (screened on the MS phantom against
+                       the dark ring G paints around plaques: no gain, docs/reproduce.md).
   fill_dilate:         with inpaint, the filled region is S's mask closed as the blend's and
                        dilated by this many pixels (null: blend_dilate, the whole blend region):
                        with fewer than blend_dilate, G repaints the ring around the lesion seeing
