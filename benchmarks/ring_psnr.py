@@ -19,10 +19,9 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from phs.checkpoint import load_method, run_data
-from phs.methods.proposed import inpaint_input
+from phs.methods.proposed import dilate, inpaint_input
 
 
 def psnr(se: float, n: float) -> float:
@@ -55,7 +54,7 @@ def main(run: str, dilations: tuple[int, ...] = (2, 1, 0)) -> dict[str, float]:
             for d in range(1, 5):  # pixel distance bands around the true lesion (8-connected)
                 band = ring & ~grown
                 if d < 4:
-                    band &= F.max_pool2d(grown.float(), 3, 1, 1) > 0
+                    band &= dilate(grown.float(), 1) > 0
                     grown = grown | band
                 for name, image in images.items():
                     key = f"{name}{d}/sum"
