@@ -94,11 +94,16 @@ class SampleGrid(pl.Callback):
     """A PNG grid of ``n_samples`` validation/test slices spread over the split (evenly spaced,
     so several cases appear), with every visual the method declares: ``val_samples.png`` (latest
     validation) and ``test_samples.png`` in the run folder. ``title``: the grid's title instead of
-    "<stage>, step N" (``phs.evaluate`` names the split and the checkpoint's step)."""
+    "<stage>, step N" (``phs.evaluate`` names the split and the checkpoint's step); ``test_name``:
+    the test stage's file prefix (``phs.evaluate split=validation`` writes
+    ``validation_samples.png``)."""
 
-    def __init__(self, n_samples: int = 6, title: str | None = None) -> None:
+    def __init__(
+        self, n_samples: int = 6, title: str | None = None, test_name: str = "test"
+    ) -> None:
         self.n_samples = n_samples
         self.title = title
+        self.test_name = test_name
 
     def _save(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loaders: Any, name: str
@@ -126,7 +131,7 @@ class SampleGrid(pl.Callback):
         self._save(trainer, pl_module, trainer.val_dataloaders, "val")
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._save(trainer, pl_module, trainer.test_dataloaders, "test")
+        self._save(trainer, pl_module, trainer.test_dataloaders, self.test_name)
 
 
 def log_image(trainer: pl.Trainer, key: str, path: Path) -> None:

@@ -1,8 +1,9 @@
 """``python -m phs.evaluate ckpt_path=CKPT segmentor_ckpt=F [data=...]``: the paper's evaluation.
 
-Writes ``metrics.json`` (``{metric: {mean, std, n}}``; per-slice metrics spread over test
-slices, pooled anomaly-detection metrics with ``std`` null) and ``test_metrics.csv`` (one row
-per slice) in the run folder. The train command's test stage runs the same code.
+Writes ``metrics.json`` (``{metric: {mean, std, n}}``; per-slice metrics spread over the
+split's slices, pooled anomaly-detection metrics with ``std`` null), ``test_metrics.csv`` (one
+row per slice) and ``test_samples.png`` in the run folder (``validation_*`` with
+``split=validation``). The train command's test stage runs the same code.
 """
 
 from __future__ import annotations

@@ -154,14 +154,18 @@ def _json_clean(summary: Summary) -> Summary:
 
 
 def write_metrics(
-    out_dir: str | Path, summary: Summary, rows: Sequence[Mapping[str, Any]] = ()
+    out_dir: str | Path,
+    summary: Summary,
+    rows: Sequence[Mapping[str, Any]] = (),
+    split: str = "test",
 ) -> Summary:
-    """``metrics.json`` (the summary, NaN as null) and ``test_metrics.csv`` (one row per slice)."""
+    """``metrics.json`` (the summary, NaN as null) and ``<split>_metrics.csv`` (one row per
+    slice: ``test_metrics.csv``, or ``validation_metrics.csv`` for the validation split)."""
     out_dir = Path(out_dir)
     clean = _json_clean(summary)
     write_json(out_dir / "metrics.json", clean)
     if rows:
-        write_table(out_dir / "test_metrics.csv", list(rows))
+        write_table(out_dir / f"{split}_metrics.csv", list(rows))
     return clean
 
 

@@ -278,7 +278,8 @@ def evaluate_checkpoint(
 ) -> Summary:
     """Test one checkpoint (with f_pre when given) on ``split`` (``test`` or ``validation``) in
     ``precision`` (None: the precision it was trained in, as its own test stage), with its blend
-    region grown by ``blend_dilate`` pixels (None: as trained); write and return its metrics."""
+    region grown by ``blend_dilate`` pixels (None: as trained); write and return its metrics
+    (``metrics.json``, ``<split>_metrics.csv`` and ``<split>_samples.png`` in ``out_dir``)."""
     split = {"val": "validation"}.get(split, split)
     if split not in ("test", "validation"):
         raise PhsError(f"split must be 'test' or 'validation', not '{split}'")
@@ -300,11 +301,15 @@ def evaluate_checkpoint(
         default_root_dir=str(out_dir),
         enable_checkpointing=False,
         callbacks=[
-            SampleGrid(6, f"{split} split, {Path(ckpt_path).name} of step {model.trained_steps}")
+            SampleGrid(
+                6,
+                f"{split} split, {Path(ckpt_path).name} of step {model.trained_steps}",
+                test_name=split,
+            )
         ],
     )
     trainer.test(model, datamodule=datamodule)
-    return write_metrics(out_dir, model.test_summary(), model.test_rows)
+    return write_metrics(out_dir, model.test_summary(), model.test_rows, split)
 
 
 def train_once(run_dir: Path, overrides: list[str]) -> tuple[Path, float]:

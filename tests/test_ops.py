@@ -250,6 +250,13 @@ def test_evaluate_runs_in_the_precision_asked_for(
     bf16, fp32 = results["bf16-mixed"], results["32-true"]
     assert bf16["identity"]["n"] == fp32["identity"]["n"] > 0
     assert bf16["identity"]["mean"] == pytest.approx(fp32["identity"]["mean"], abs=0.05)
+    # the validation split: its own file names, so nothing reads as a test result
+    val = evaluate_checkpoint(ckpt, None, None, tmp_path / "evval", "cpu", split="validation")
+    assert val["identity"]["n"] > 0
+    names = {p.name for p in (tmp_path / "evval").iterdir()}
+    assert {"metrics.json", "validation_metrics.csv", "validation_samples.png"} <= names
+    assert not names & {"test_metrics.csv", "test_samples.png"}
+    assert (tmp_path / "ev32-true" / "test_samples.png").is_file()
 
 
 def test_checkpoint_write_dying_half_way_keeps_the_previous_last_ckpt(
