@@ -130,7 +130,8 @@ def test_ablate_trains_each_variant_and_reports_validation_metrics(
     # the evaluation ran on the validation volumes, not the test ones
     split = json.loads((out / "d3" / "eval" / "datalist.json").read_text())
     val_cases = {e["case"] for e in split["validation"]}
-    with open(out / "d3" / "eval" / "test_metrics.csv") as f:
+    assert not (out / "d3" / "eval" / "test_metrics.csv").exists()  # named after its split
+    with open(out / "d3" / "eval" / "validation_metrics.csv") as f:
         assert {line.split(",")[0] for line in list(f)[1:]} <= val_cases
     # the two normalisations got their own f_pre
     assert len(list(out.glob("f_pre-*"))) == 2
