@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 from conftest import F_PRE, MODELS, REPO, build, compose_config, tiny_config
 
+from phs.data.datamodule import single_thread
 from phs.train import train
 
 
@@ -120,9 +121,7 @@ def test_overfit_paired_cycle_and_dice_fall(brats_root: Path, tmp_path: Path) ->
     first = last = None
     # one thread: these ops are too small to gain from two, and beside another pytest-xdist
     # worker two threads spin-waited on the shared cores (178 s in the suite, 12 s alone)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         for step in range(150):
             c = model.fakes(batch)
             g = model.generator_loss(batch, c)
@@ -135,8 +134,6 @@ def test_overfit_paired_cycle_and_dice_fall(brats_root: Path, tmp_path: Path) ->
             opts[1].step()
             if step == 0:
                 first = {k: float(v) for k, v in g.items()}
-    finally:
-        torch.set_num_threads(threads)
     last = {k: float(v) for k, v in g.items()}
     assert last["cc"] < first["cc"] / 4, (first["cc"], last["cc"])
     assert last["seg"] < first["seg"] / 4, (first["seg"], last["seg"])

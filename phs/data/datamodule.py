@@ -18,7 +18,7 @@ import math
 import multiprocessing
 import os
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -363,9 +363,10 @@ def nonzero_boxes(x: torch.Tensor, chunk: int = 256) -> list[Box]:
 
 
 @contextmanager
-def _single_thread():
-    """One intra-op thread for the loader's per-slice ops in the training process (a worker has
-    one already): tiny ops gain nothing from threads and lose much when the cores are busy."""
+def single_thread() -> Iterator[None]:
+    """One intra-op thread inside the block (the loader's per-slice ops in the training process;
+    a worker has one already): tiny ops gain nothing from threads and lose much when the cores
+    are busy."""
     n = torch.get_num_threads()
     if n == 1:
         yield
@@ -503,7 +504,7 @@ class TrainSlices(Dataset):
         buf = ring.buf[slot, :, :b] if slot is not None else _empty((4, b, *s.image.shape[1:]))
         out = dict(zip(KEYS, buf, strict=True))
         ib, lb = self._image_box, self._label_box
-        with _single_thread():
+        with single_thread():
             for n, (p, h, m, u) in enumerate(draws):
                 x_p = (out["x_p"][n], s.image[p], "bilinear", ib and ib[p])
                 m_p = (out["m_p"][n], s.label[p], "nearest", lb and lb[p])
