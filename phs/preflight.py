@@ -87,6 +87,7 @@ NUMBERS: dict[str, Rule] = {
         whole=True, low=0, also=(None,), also_text="null (R's whole rendering)"
     ),
     "options.hh_lesion_weight": NOT_NEGATIVE,
+    "options.outside_identity": NOT_NEGATIVE,
     "options.mask_gan_weight": NOT_NEGATIVE,
     "data.preprocess.n_slices": WHOLE_1,
 }

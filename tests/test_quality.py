@@ -236,6 +236,11 @@ def test_hh_render_dilate_keeps_r_lesion_within_the_mask(tmp_path: Path, grow: i
         (["model=proposed_unpaired", "options.mask_gan_ramp=[-1,0,5]"], "mask_gan_ramp must be"),
         (["model=proposed_unpaired", "options.mask_gan_ramp=[1,a,5]"], "mask_gan_ramp must be"),
         (["options.seg_loss=focal"], "seg_loss must be one of dice, dice_bce, tversky_bce"),
+        (["options.outside_identity=-1"], "outside_identity needs"),
+        (
+            ["options.outside_identity=1", "options.mask_blend=false", "options.inpaint=false"],
+            "outside_identity needs",
+        ),
     ],
 )
 def test_cycle_option_values_are_checked(tmp_path: Path, overrides: list[str], match: str) -> None:
@@ -499,6 +504,39 @@ def test_hh_lesion_term_is_the_mean_error_inside_the_mask(tmp_path: Path) -> Non
     t = model.cycle_terms(batch, {**c, "m_h": torch.zeros_like(m)})
     assert float(t["cc_hh_lesion"]) == 0.0
     torch.testing.assert_close(t["cc"], t["cc_ph"] + t["cc_hh_image"] + t["cc_hh_mask"])
+
+
+def test_outside_identity_pulls_g_to_its_input_outside_its_region(tmp_path: Path) -> None:
+    """g_outside is G's own output's L1 to its input weighted by 1 - w (both cycles, averaged),
+    enters L_CC with its weight, and trains G only: S's region and R's rendering are targets."""
+    cfg = tiny_config(tmp_path, None, "options.outside_identity=2")
+    model = hydra.utils.instantiate(cfg.model)
+    x, _, m = _pair(shape=(48, 40))
+    batch = {"x_p": x, "m_p": m, "x_h": x.flip(-1), "m_real": m.flip(-2)}
+    c = model.fakes(batch)
+    t = model.cycle_terms(batch, c)
+
+    def weighted(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return ((g - x).abs() * (1 - w)).sum() / (1 - w).sum()
+
+    expected = (weighted(c["g_ph"], x, c["w_ph"]) + weighted(c["g_hh"], c["x_hh"], c["w_hh"])) / 2
+    torch.testing.assert_close(t["g_outside"], expected.detach(), check_dtype=False)
+    assert float(t["g_outside"]) > 0 and float((1 - c["w_ph"]).sum()) > 0  # untrained S: w ~ 0.5
+    plain = t["cc_ph"] + t["cc_hh_image"] + t["cc_hh_mask"] + 3.0 * t["cc_hh_lesion"]
+    torch.testing.assert_close(t["cc"], plain + 2 * t["g_outside"])
+    t["g_outside"].backward()
+    grads = {
+        name: sum(float(p.grad.abs().sum()) for p in net.parameters() if p.grad is not None)
+        for name, net in (("G", model.G), ("S", model.S), ("R", model.R))
+    }
+    assert grads["G"] > 0 and grads["S"] == 0 and grads["R"] == 0
+    # off (the default): logged, not in L_CC
+    model = hydra.utils.instantiate(tiny_config(tmp_path, None).model)
+    t = model.cycle_terms(batch, model.fakes(batch))
+    assert float(t["g_outside"]) > 0
+    torch.testing.assert_close(
+        t["cc"], t["cc_ph"] + t["cc_hh_image"] + t["cc_hh_mask"] + 3.0 * t["cc_hh_lesion"]
+    )
 
 
 @pytest.mark.parametrize("mode", ["lsgan", "wgan_gp"])

@@ -74,6 +74,12 @@ Options beyond the paper (all off by default in the paper's configuration):
                        output). R draws a faint halo past the mask that real lesions lack,
                        which G is then taught to remove (screened on the MS phantom against
                        the dark ring G paints around plaques: no gain, docs/reproduce.md).
+  outside_identity:    with mask_blend, L_CC gains this weight times the L1 between G's own
+                       output and its input outside the region it repaints (weighted by 1 - w):
+                       G copies the tissue it does not repaint, so the region's soft edge
+                       blends G's continuation of that tissue. Without it G's output is free
+                       past its region and drifts dark there, which the edge shows as a dark
+                       rim (benchmarks/rim_profile.py). 0: the paper's L_CC.
   fill_dilate:         with inpaint, the filled region is S's mask closed as the blend's and
                        dilated by this many pixels (null: blend_dilate, the whole blend region):
                        with fewer than blend_dilate, G repaints the ring around the lesion seeing
@@ -115,6 +121,15 @@ def dilate(w: torch.Tensor, r: int) -> torch.Tensor:
 def closing(w: torch.Tensor, r: int) -> torch.Tensor:
     """Grey-level closing with radius ``r``: dilate, then erode (fills holes, keeps the outline)."""
     return -dilate(-dilate(w, r), r)
+
+
+def outside_l1(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """G's own output against its input where it does not repaint: the L1 weighted by 1 - w,
+    the blend region's complement (w and x are targets: S is not taught to widen its region
+    over G's errors)."""
+    keep = 1 - w.detach().float()
+    err = (g.float() - x.detach().float()).abs()
+    return (err * keep).sum() / keep.sum().clamp_min(1.0)
 
 
 def nonzero(x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +248,7 @@ class ProposedPaired(PHSMethod):
     """The paired setting: S is supervised with a differentiable Dice (L_Seg)."""
 
     loss_names = (
-        *("loss", "cc", "cc_ph", "cc_hh_image", "cc_hh_mask", "cc_hh_lesion"),
+        *("loss", "cc", "cc_ph", "cc_hh_image", "cc_hh_mask", "cc_hh_lesion", "g_outside"),
         *("gan1", "seg", "d_x"),
     )
     prog_bar_losses = ("loss", "cc", "seg", "gan2", "d_x")
@@ -269,6 +284,7 @@ class ProposedPaired(PHSMethod):
         fill_dilate: int | None = None,
         cycle_mask: str = "s",
         hh_render_dilate: int | None = None,
+        outside_identity: float = 0.0,
     ) -> None:
         super().__init__(optimizer, optimizer_d)
         if seg_loss not in SEG_LOSSES:
@@ -327,6 +343,11 @@ class ProposedPaired(PHSMethod):
                 f"hh_render_dilate needs hh_masks=real and a value >= 0, not {hh_render_dilate}"
             )
         self.hh_render_dilate = None if hh_render_dilate is None else int(hh_render_dilate)
+        if float(outside_identity) < 0 or (float(outside_identity) > 0 and not mask_blend):
+            raise ValueError(
+                f"outside_identity needs mask_blend=true and a weight >= 0, not {outside_identity}"
+            )
+        self.outside_identity = float(outside_identity)
         self.G, self.S, self.R, self.D_x = generator, segmentor, reconstructor, discriminator
         lam = loss_weights(loss, {"lambda_cc": 10.0, "lambda_gan": 1.0, "lambda_seg": 10.0})
         self.lambda_cc, self.lambda_gan, self.lambda_seg = (
@@ -368,11 +389,18 @@ class ProposedPaired(PHSMethod):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """:meth:`factorize` plus the region G repainted (None without ``mask_blend``).
         ``region_of``: a mask whose blend region G repaints instead of S's."""
+        return self._repainted(x, region_of)[:3]
+
+    def _repainted(
+        self, x: torch.Tensor, region_of: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`factorize_with_region` plus G's own output before the blend (None without
+        ``mask_blend``)."""
         m = self.S(x)
         if not self.mask_blend:
-            return self.G(x), m, None
+            return self.G(x), m, None, None
         g, w = self.repaint(x, m if region_of is None else region_of)
-        return w * g + (1 - w) * x, m, w
+        return w * g + (1 - w) * x, m, w, g
 
     def repaint(self, x: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """G's own output, before the blend, and the blend region of ``base`` (a soft mask) in
@@ -403,7 +431,7 @@ class ProposedPaired(PHSMethod):
         # x_p's own mask with its lesion pasted (hh_masks=paste)
         m_h = {"real": batch.get("m_real"), "paste": batch.get("m_p")}.get(self.hh_masks)
         m_h = torch.zeros_like(x_h) if m_h is None else m_h
-        x_ph, m_ph, w_ph = self.factorize_with_region(x_p)  # cycle P-H
+        x_ph, m_ph, w_ph, g_ph = self._repainted(x_p)  # cycle P-H
         x_ph_cycle = x_ph
         if self.cycle_detach_lesion:
             lesion = self.lesion(batch, m_ph).to(x_ph.dtype)
@@ -421,9 +449,10 @@ class ProposedPaired(PHSMethod):
         # with real masks the pair (R(x_h, m), x_h) supervises G and S only: R is not taught
         # to make G's job easy by drawing faint lesions
         region = m_h * nonzero(x_h) if self.hh_region == "mask" else None  # cut to the brain
-        x_hh_rec, m_hh_rec, _ = self.factorize_with_region(
-            x_hh.detach() if self.hh_masks != "empty" else x_hh, region
-        )
+        x_hh_in = x_hh.detach() if self.hh_masks != "empty" else x_hh
+        x_hh_rec, m_hh_rec, w_hh, g_hh = self._repainted(x_hh_in, region)
+        # G's own outputs and where they were blended in (mask_blend), for outside_identity
+        own = {"g_ph": g_ph, "w_ph": w_ph, "g_hh": g_hh, "w_hh": w_hh, "x_hh_in": x_hh_in}
         return {
             "x_ph": x_ph,
             "m_ph": m_ph,
@@ -432,7 +461,7 @@ class ProposedPaired(PHSMethod):
             "m_h": m_h,
             "x_hh_rec": x_hh_rec,
             "m_hh_rec": m_hh_rec,
-            **({} if w_ph is None else {"w_ph": w_ph}),  # the repainted region (gan_region)
+            **({} if w_ph is None else own),
         }
 
     def lesion(self, batch: dict[str, Any], m_ph: torch.Tensor) -> torch.Tensor:
@@ -449,7 +478,8 @@ class ProposedPaired(PHSMethod):
 
     def cycle_terms(self, batch: dict[str, Any], c: dict[str, torch.Tensor]) -> dict[str, Any]:
         """L_CC's three L1 terms (P-H image, H-H image, H-H mask) and their sum ``cc``, plus
-        ``hh_lesion_weight`` times the H-H image L1 inside the mask (always logged)."""
+        ``hh_lesion_weight`` times the H-H image L1 inside the mask and ``outside_identity``
+        times G's L1 to its input outside its region (both always logged)."""
         m = c["m_h"]
         err = (c["x_hh_rec"].float() - batch["x_h"].float()).abs()
         t = {
@@ -458,8 +488,15 @@ class ProposedPaired(PHSMethod):
             "cc_hh_mask": l1(c["m_hh_rec"], m),  # L1, not Dice: Dice is undefined on 0
             "cc_hh_lesion": (err * m).sum() / m.sum().clamp_min(1.0),
         }
+        t["g_outside"] = torch.zeros((), device=err.device)
+        if "g_ph" in c:  # mask_blend
+            t["g_outside"] = 0.5 * (
+                outside_l1(c["g_ph"], batch["x_p"], c["w_ph"])
+                + outside_l1(c["g_hh"], c["x_hh_in"], c["w_hh"])
+            )
         cc = t["cc_ph"] + t["cc_hh_image"] + t["cc_hh_mask"]
-        return {**t, "cc": cc + self.hh_lesion_weight * t["cc_hh_lesion"]}
+        cc = cc + self.hh_lesion_weight * t["cc_hh_lesion"]
+        return {**t, "cc": cc + self.outside_identity * t["g_outside"]}
 
     def image_gan(self, c: dict[str, torch.Tensor]) -> torch.Tensor:
         """L_GAN1, generator side: G(x_p) (and R(x_h, 0) with empty masks) should look healthy."""
@@ -518,7 +555,7 @@ class ProposedUnpaired(ProposedPaired):
     and real masks of other volumes."""
 
     loss_names = (
-        *("loss", "cc", "cc_ph", "cc_hh_image", "cc_hh_mask", "cc_hh_lesion"),
+        *("loss", "cc", "cc_ph", "cc_hh_image", "cc_hh_mask", "cc_hh_lesion", "g_outside"),
         *("gan1", "gan2", "d_x", "d_m"),
     )
 
