@@ -3,6 +3,9 @@ tiny training configuration (conf/debug/tiny.yaml) and the models found in conf/
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 from omegaconf import DictConfig, OmegaConf
+
+# Under pytest-xdist (`-n 2` on 2 cores) every worker, and every phs command a test starts in a
+# subprocess, computes in one thread: two workers with two threads each spin-wait on each other's
+# cores (a 150-step tiny training took 178 s beside the other worker, 12 s in one thread). Set
+# before torch is imported. Tests whose result depends on the thread count ask for theirs with
+# `@pytest.mark.threads(n)`. Without xdist the default (one thread per core) stands.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real"
@@ -137,6 +148,25 @@ def write_brats_cases(root: Path) -> Path:
             lesion_center=(20 + i, 18 + 2 * i, 15),
         )
     return root
+
+
+@pytest.fixture(autouse=True)
+def _thread_count(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The torch thread count a test asks for (``@pytest.mark.threads(n)``), else one thread per
+    xdist worker (torch imported before this file set OMP_NUM_THREADS would keep its own)."""
+    marker = request.node.get_closest_marker("threads")
+    torch = sys.modules.get("torch")
+    if marker is not None:
+        import torch
+    if torch is None or (marker is None and not os.environ.get("PYTEST_XDIST_WORKER")):
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(marker.args[0] if marker is not None else 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 @pytest.fixture

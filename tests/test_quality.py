@@ -322,6 +322,7 @@ class _Fixed(torch.nn.Module):
         return self.first if self.calls == 1 else x[:, :1]
 
 
+@pytest.mark.threads(2)  # its bars were measured at 2 threads
 def test_short_training_leaves_healthy_tissue_close_to_the_truth(tmp_path: Path) -> None:
     """A tiny proposed (paired) model at the defaults, 300 steps on a 6-volume phantom: healthy
     tissue of the test volumes comes back close to the true healthy image (PSNR outside the
