@@ -28,17 +28,17 @@ INSIDE = (1, 2, 3, 4, 5)  # the last bin holds 5 px and deeper
 OUTSIDE = (1, 2, 3)
 
 
-def bins(lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def bins(lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pixel of one slice: the size class of its (nearest) lesion and its signed distance bin
-    (+d inside, -d outside, 0 elsewhere)."""
+    (+d inside, -d outside, 0 elsewhere); and the size class of each lesion."""
     labels, n = ndimage.label(lesion, structure=np.ones((3, 3)))
     area = np.bincount(labels.ravel(), minlength=n + 1)
     inside = np.minimum(np.ceil(ndimage.distance_transform_cdt(lesion, "chessboard")), INSIDE[-1])
     outside, (iy, ix) = ndimage.distance_transform_cdt(~lesion, "chessboard", return_indices=True)
     nearest = labels[iy, ix]
-    size = np.digitize(area[nearest], [lo for lo, _, _ in SIZES[1:]])
+    classes = np.digitize(area, [lo for lo, _, _ in SIZES[1:]])
     where = np.where(lesion, inside, np.where(outside <= OUTSIDE[-1], -outside, 0))
-    return size, where.astype(int)
+    return classes[nearest], where.astype(int), classes[1:]
 
 
 def main(run: str) -> dict[tuple[str, int, int], float]:
@@ -52,17 +52,16 @@ def main(run: str) -> dict[tuple[str, int, int], float]:
             x = b["x_p"]
             g, w = model.repaint(x, model.S(x))  # as phs.synthesize: G's output, S's region
             images = {"output": w * g + (1 - w) * x, "G": g, "region": w}
-            if model.inpaint:
+            if model.inpaint:  # as G sees it with fill_dilate and inpaint_in_brain unset
                 images["fill"] = inpaint_input(x, w, model.inpaint_fill)[0]
             images = {k: v.float().numpy()[:, 0] for k, v in images.items()}
             truth = b["x_gt"].float().numpy()[:, 0]
             for k, lesion in enumerate(b["m_p"].numpy()[:, 0] > 0.5):
                 if not lesion.any():
                     continue
-                size, where = bins(lesion)
-                labels, n = ndimage.label(lesion, structure=np.ones((3, 3)))
-                for a in np.bincount(labels.ravel())[1:]:
-                    lesions[int(np.digitize(a, [lo for lo, _, _ in SIZES[1:]]))] += 1
+                size, where, classes = bins(lesion)
+                for c in classes:
+                    lesions[int(c)] += 1
                 for s in range(len(SIZES)):
                     for d in (*INSIDE, *(-o for o in OUTSIDE)):
                         sel = (size == s) & (where == d)
