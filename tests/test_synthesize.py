@@ -547,3 +547,44 @@ def test_trained_model_moves_a_phantom_lesion_towards_the_truth(tmp_path: Path) 
     print(f"held-out Dice {np.round(dices, 3)}, PSNR gain in the lesion {np.round(gains, 2)} dB")
     assert min(gains) > 0 and np.mean(gains) > 1.0, gains
     assert min(dices) > 0.3 and np.mean(dices) > 0.45, dices
+
+
+def test_real_samples_slab_is_where_synthesize_applies_the_model(
+    tiny: dict, tmp_path: Path
+) -> None:
+    """benchmarks/real_samples.py scores a folder in the real samples' layout, and the slab it
+    scores inside is exactly where ``slices=trained`` applies the networks: where S's probability
+    is the same as with ``slices=all``."""
+    import importlib.util
+
+    from phs.checkpoint import read_checkpoint
+    from phs.data.preprocess import PreprocessConfig
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "real_samples.py"
+    probs = {}
+    case = "Brats18_SYN_0_1"
+    for slices in ("trained", "all"):
+        out = tmp_path / slices
+        p = subprocess.run(
+            [sys.executable, str(script), str(tiny["ckpt"]), "--root", str(tiny["tmp"])]
+            + ["--keep", str(out), "--set", f"slices={slices}"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert p.returncode == 0, p.stderr[-2000:]
+        rows = [r for r in p.stdout.splitlines() if r.startswith("| Brats18_SYN_")]
+        assert len(rows) == 4 and all(len(r.split("|")) == 9 for r in rows)
+        (prob_file,) = (out / case).glob("*/pathology_prob.nii.gz")
+        probs[slices] = np.asarray(nib.load(prob_file).dataobj)
+
+    spec = importlib.util.spec_from_file_location("real_samples", script)
+    real_samples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_samples)
+    ckpt = read_checkpoint(tiny["ckpt"])
+    pre = PreprocessConfig.from_dict(ckpt["phs_config"]["data"]["preprocess"])
+    slab = real_samples.trained_slab(pre, tiny["root"] / case / f"{case}_flair.nii.gz").numpy()
+    seen = probs["all"] > 0  # S's output, everywhere it was applied
+    applied = seen & (probs["trained"] == probs["all"])
+    assert slab.shape == seen.shape and (seen & ~slab).any()  # a slab, not the whole brain
+    np.testing.assert_array_equal(slab[seen], applied[seen])
