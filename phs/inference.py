@@ -113,9 +113,21 @@ def synthesize_case(
     outs = run_slices(model, norm, cfg.batch_size, device)
     # model.infer keeps the background (0 outside the brain); outside the middle n_slices of the
     # brain the model never trained: there (slices=trained) the input is kept, untouched
+    at_edge: dict[str, float] = {}
     if cfg.slices == "trained":
+        slab = middle_slices(net_x.shape[-1], pre.n_slices)
+        if "mask" in outs:
+            at_edge = slab_edges(outs["mask"][0] > cfg.threshold, slab, pre.spacing)
+        if at_edge:
+            log.warning(
+                "%s: the pathology S finds reaches the %s of the %d slices (%g mm) the model "
+                "was trained on and is applied to; beyond them the input is kept as it is "
+                "(slices=all applies the model there too)",
+                case["case"], " and ".join(at_edge) + (" ends" if len(at_edge) > 1 else " end"),
+                pre.n_slices, pre.n_slices * pre.spacing[2],
+            )  # fmt: skip
         trained = torch.zeros_like(net_x)
-        trained[..., middle_slices(trained.shape[-1], pre.n_slices)] = 1
+        trained[..., slab] = 1
         outs = {k: v * trained for k, v in outs.items()}
         if "pseudo_healthy" in outs:
             outs["pseudo_healthy"] = outs["pseudo_healthy"] + net_x * (1 - trained)
@@ -180,7 +192,31 @@ def synthesize_case(
         "case": case["case"],
         "outputs": sorted(written),
         **(found if "pathology_prob" in back else {}),
+        **({"lesion_at_slab_edge_mm2": at_edge} if at_edge else {}),
     }
+
+
+SLAB_EDGE_MM2 = 25.0  # a mask in the slab's end slice this large (5 x 5 mm) goes on beyond it
+
+
+def slab_edges(
+    mask: torch.Tensor, slab: slice, spacing: Sequence[float], min_mm2: float = SLAB_EDGE_MM2
+) -> dict[str, float]:
+    """Where a mask ``[H, W, Z]`` (training grid, axial slices inferior to superior) reaches an end
+    of the applied ``slab`` of slices with at least ``min_mm2`` of area while the brain goes on
+    beyond that end: ``{"inferior" | "superior": area in mm²}`` (empty: the pathology S finds is
+    inside the slab)."""
+    pixel_mm2 = float(spacing[0]) * float(spacing[1])
+    ends = {
+        "inferior": (slab.start, slab.start > 0),
+        "superior": (slab.stop - 1, slab.stop < mask.shape[-1]),
+    }
+    found = {}
+    for name, (z, beyond) in ends.items():
+        area = float(mask[..., z].sum()) * pixel_mm2
+        if beyond and area >= min_mm2:
+            found[name] = round(area, 1)
+    return found
 
 
 NEIGHBOURS_26 = np.ones((3, 3, 3), bool)  # a lesion: a 26-connected component of the mask

@@ -103,8 +103,9 @@ def is_done(case_dir: Path, done: dict[str, Any], record: dict[str, Any]) -> boo
 
 
 def lesions(done: dict[str, Any]) -> dict[str, Any]:
-    """A case's name, pathology volume (mL) and number of lesions, from its record."""
-    keys = ("case", "lesion_volume_ml", "n_lesions")
+    """A case's name, pathology volume (mL), number of lesions and, where the pathology reaches
+    an end of the slab the model is applied to, its area there (mm²), from its record."""
+    keys = ("case", "lesion_volume_ml", "n_lesions", "lesion_at_slab_edge_mm2")
     return {k: done[k] for k in keys if k in done}
 
 

@@ -588,3 +588,39 @@ def test_real_samples_slab_is_where_synthesize_applies_the_model(
     applied = seen & (probs["trained"] == probs["all"])
     assert slab.shape == seen.shape and (seen & ~slab).any()  # a slab, not the whole brain
     np.testing.assert_array_equal(slab[seen], applied[seen])
+
+
+def test_slab_edges_names_the_ends_the_mask_reaches_where_the_brain_goes_on() -> None:
+    from phs.inference import slab_edges
+
+    mask = torch.zeros(10, 10, 12, dtype=torch.bool)
+    slab = slice(3, 9)
+    mask[:5, :5, 3] = True  # 25 pixels in the slab's inferior end slice
+    mask[:2, :2, 8] = True  # 4 in its superior end slice
+    mask[:, :, 10] = True  # beyond the slab: not S's business here
+    assert slab_edges(mask, slab, (1.0, 1.0, 1.0)) == {"inferior": 25.0}
+    assert slab_edges(mask, slab, (1.0, 1.0, 1.0), min_mm2=26) == {}
+    assert slab_edges(mask, slab, (3.0, 3.0, 3.0)) == {"inferior": 225.0, "superior": 36.0}
+    assert slab_edges(mask, slice(0, 12), (3.0, 3.0, 3.0)) == {}  # no brain beyond either end
+    assert slab_edges(mask, slice(0, 9), (3.0, 3.0, 3.0)) == {"superior": 36.0}
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_pathology_at_the_slab_end_is_reported(
+    tiny: dict, tmp_path: Path, threshold: float
+) -> None:
+    """A mask that reaches an end of the applied slab (threshold 0: all the brain S sees) is
+    warned about and recorded per case; an empty one (threshold 1) is not."""
+    case = "Brats18_SYN_0_1"
+    out = tmp_path / "out"
+    image = tiny["root"] / case / f"{case}_flair.nii.gz"
+    args = [f"ckpt_path={tiny['ckpt']}", f"input={image}", f"output={out}"]
+    p = synth([*args, f"threshold={threshold}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (record,) = json.loads((out / "synthesize.json").read_text())["cases"]
+    warned = "reaches the inferior and superior ends" in p.stdout + p.stderr
+    assert warned == (threshold == 0.0)
+    if threshold == 0.0:
+        assert set(record["lesion_at_slab_edge_mm2"]) == {"inferior", "superior"}
+    else:
+        assert "lesion_at_slab_edge_mm2" not in record
