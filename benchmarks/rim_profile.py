@@ -9,7 +9,18 @@ counted towards that lesion's size class. A dark rim shows as the edge bins (ins
 outside 1) going negative against the lesion's centre; a dark disc as every inside bin negative.
 The truth's mean in each bin gives the scale.
 
-Usage: ``python benchmarks/rim_profile.py RUN [RUN ...]`` (pooled over pixels).
+``--hh`` profiles cycle H-H instead, as training runs it: R draws each slice's true mask on the
+healthy truth of the slice after it in the batch (``hh_masks=real``), and G repaints S's region
+of that rendering; the lesion is the drawn mask and the truth the healthy slice. Where G's error
+inside differs between the two profiles, G learned something in H-H that real lesions do not
+need.
+
+``--median`` gives the median of each bin instead of its mean. G is trained with L1, whose
+minimiser is the median of what it cannot predict, not the mean: where the truth inside a lesion
+has a tail to one side (partial volume with darker tissue), G's mean error leans the other way
+while its median error stays near zero.
+
+Usage: ``python benchmarks/rim_profile.py RUN [RUN ...] [--hh] [--median]`` (pooled over pixels).
 """
 
 from __future__ import annotations
@@ -41,22 +52,26 @@ def bins(lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return classes[nearest], where.astype(int), classes[1:]
 
 
-def main(run: str) -> dict[tuple[str, int, int], float]:
+def main(run: str, hh: bool = False, median: bool = False) -> dict[tuple[str, int, int], float]:
     model, cfg = load_method(f"{run}/checkpoints/last.ckpt")
     dm = run_data(cfg)
-    sums: dict[tuple[str, int, int], float] = {}
-    count: dict[tuple[int, int], int] = {}
+    values: dict[tuple[str, int, int], list[np.ndarray]] = {}
     lesions = [0] * len(SIZES)
     with torch.no_grad():
         for b in dm.val_dataloader():
-            x = b["x_p"]
-            g, w = model.repaint(x, model.S(x))  # as phs.synthesize: G's output, S's region
+            x, m, truth = b["x_p"], b["m_p"], b["x_gt"]
+            if hh:  # cycle H-H: R's rendering of another slice's mask on this healthy slice
+                m = m.roll(1, 0)
+                c = model.fakes({"x_p": x, "m_p": b["m_p"], "x_h": truth, "m_real": m})
+                x, g, w = c["x_hh_in"], c["g_hh"], c["w_hh"]
+            else:
+                g, w = model.repaint(x, model.S(x))  # as phs.synthesize: G's output, S's region
             images = {"output": w * g + (1 - w) * x, "G": g, "region": w}
             if model.inpaint:  # as G sees it with fill_dilate and inpaint_in_brain unset
                 images["fill"] = inpaint_input(x, w, model.inpaint_fill)[0]
             images = {k: v.float().numpy()[:, 0] for k, v in images.items()}
-            truth = b["x_gt"].float().numpy()[:, 0]
-            for k, lesion in enumerate(b["m_p"].numpy()[:, 0] > 0.5):
+            truth = truth.float().numpy()[:, 0]
+            for k, lesion in enumerate(m.numpy()[:, 0] > 0.5):
                 if not lesion.any():
                     continue
                 size, where, classes = bins(lesion)
@@ -67,30 +82,29 @@ def main(run: str) -> dict[tuple[str, int, int], float]:
                         sel = (size == s) & (where == d)
                         if sel.any():
                             for name, image in images.items():
-                                key = (name, s, d)
-                                offset = 0 if name == "region" else truth[k][sel].sum()
-                                sums[key] = sums.get(key, 0.0) + float(image[k][sel].sum() - offset)
-                            sums[("truth", s, d)] = sums.get(("truth", s, d), 0.0) + float(
-                                truth[k][sel].sum()
-                            )
-                            count[(s, d)] = count.get((s, d), 0) + int(sel.sum())
+                                offset = 0 if name == "region" else truth[k][sel]
+                                values.setdefault((name, s, d), []).append(image[k][sel] - offset)
+                            values.setdefault(("truth", s, d), []).append(truth[k][sel])
     order = (*(-o for o in reversed(OUTSIDE)), *INSIDE)
     heads = [f"out {o}" for o in reversed(OUTSIDE)] + [f"in {d}" for d in INSIDE[:-1]] + ["in 5+"]
     print(
-        f"{run} (validation): by distance from the lesion's edge, the mean signed error "
-        "(output, G's own output and its fill, minus the truth), the blend region's mean weight "
-        "and the truth's mean"
+        f"{run} (validation{', cycle H-H' if hh else ''}): by distance from the lesion's edge, "
+        f"the {'median' if median else 'mean'} signed error "
+        "(output, G's own output and its fill, minus the truth), the blend region's weight "
+        f"and the truth's {'median' if median else 'mean'}"
     )
     print(f"  {'lesions':<22}" + "".join(f"{h:>9}" for h in heads))
     result = {}
-    names = [n for n in ("output", "G", "fill", "region", "truth") if (n, 0, 1) in sums]
+    stat = np.median if median else np.mean
+    names = [n for n in ("output", "G", "fill", "region", "truth") if (n, 0, 1) in values]
     for s, (_, _, label) in enumerate(SIZES):
         print(f"  {label} ({lesions[s]})")
         for name in names:
             row = []
             for d in order:
-                n = count.get((s, d), 0)
-                result[(name, s, d)] = sums[(name, s, d)] / n if n else float("nan")
+                v = values.get((name, s, d))
+                n = v is not None
+                result[(name, s, d)] = float(stat(np.concatenate(v))) if n else float("nan")
                 sign = "+" if name in ("output", "G", "fill") else ""
                 row.append(f"{result[(name, s, d)]:{sign}9.3f}" if n else f"{'-':>9}")
             print(f"    {name:<20}" + "".join(row))
@@ -98,5 +112,6 @@ def main(run: str) -> dict[tuple[str, int, int], float]:
 
 
 if __name__ == "__main__":
-    for run in sys.argv[1:]:
-        main(run)
+    flags = {"--hh", "--median"}
+    for run in [a for a in sys.argv[1:] if a not in flags]:
+        main(run, hh="--hh" in sys.argv[1:], median="--median" in sys.argv[1:])

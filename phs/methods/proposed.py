@@ -79,8 +79,9 @@ Options beyond the paper (all off by default in the paper's configuration):
                        G copies the tissue it does not repaint, so the region's soft edge
                        blends G's continuation of that tissue. Without it G's output is free
                        past its region and drifts dark there, which the edge shows as a dark
-                       rim (benchmarks/rim_profile.py). 0: the paper's L_CC. Screened on the
-                       MS phantom: 1 halves the rim, 3 makes G copy its fill (docs/reproduce.md).
+                       rim (benchmarks/rim_profile.py). 0: the paper's L_CC. On the MS
+                       phantom 1 makes the rim fainter (experiment=ms uses it) and 3 makes G
+                       copy its fill (docs/reproduce.md).
   fill_dilate:         with inpaint, the filled region is S's mask closed as the blend's and
                        dilated by this many pixels (null: blend_dilate, the whole blend region):
                        with fewer than blend_dilate, G repaints the ring around the lesion seeing
