@@ -25,7 +25,7 @@ Usage: ``python benchmarks/rim_profile.py RUN [RUN ...] [--hh] [--median]`` (poo
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import numpy as np
 import torch
@@ -54,6 +54,8 @@ def bins(lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def main(run: str, hh: bool = False, median: bool = False) -> dict[tuple[str, int, int], float]:
     model, cfg = load_method(f"{run}/checkpoints/last.ckpt")
+    if hh and not (model.hh_masks == "real" and model.mask_blend):
+        raise SystemExit(f"{run}: --hh needs a run trained with hh_masks=real and mask_blend")
     dm = run_data(cfg)
     values: dict[tuple[str, int, int], list[np.ndarray]] = {}
     lesions = [0] * len(SIZES)
@@ -103,15 +105,18 @@ def main(run: str, hh: bool = False, median: bool = False) -> dict[tuple[str, in
             row = []
             for d in order:
                 v = values.get((name, s, d))
-                n = v is not None
-                result[(name, s, d)] = float(stat(np.concatenate(v))) if n else float("nan")
+                result[(name, s, d)] = float(stat(np.concatenate(v))) if v else float("nan")
                 sign = "+" if name in ("output", "G", "fill") else ""
-                row.append(f"{result[(name, s, d)]:{sign}9.3f}" if n else f"{'-':>9}")
+                row.append(f"{result[(name, s, d)]:{sign}9.3f}" if v else f"{'-':>9}")
             print(f"    {name:<20}" + "".join(row))
     return result
 
 
 if __name__ == "__main__":
-    flags = {"--hh", "--median"}
-    for run in [a for a in sys.argv[1:] if a not in flags]:
-        main(run, hh="--hh" in sys.argv[1:], median="--median" in sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--hh", action="store_true", help="profile cycle H-H")
+    parser.add_argument("--median", action="store_true", help="each bin's median, not its mean")
+    args = parser.parse_args()
+    for run in args.runs:
+        main(run, hh=args.hh, median=args.median)
