@@ -20,7 +20,11 @@ minimiser is the median of what it cannot predict, not the mean: where the truth
 has a tail to one side (partial volume with darker tissue), G's mean error leans the other way
 while its median error stays near zero.
 
-Usage: ``python benchmarks/rim_profile.py RUN [RUN ...] [--hh] [--median]`` (pooled over pixels).
+``--split training`` profiles the volumes the run was trained on (their pathological slices,
+unaugmented): an error G also makes there is not a failure to generalise.
+
+Usage: ``python benchmarks/rim_profile.py RUN [RUN ...] [--hh] [--median] [--split S]`` (pooled
+over pixels; ``S``: validation, the default, training or test).
 """
 
 from __future__ import annotations
@@ -52,15 +56,17 @@ def bins(lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return classes[nearest], where.astype(int), classes[1:]
 
 
-def main(run: str, hh: bool = False, median: bool = False) -> dict[tuple[str, int, int], float]:
+def main(
+    run: str, hh: bool = False, median: bool = False, split: str = "validation"
+) -> dict[tuple[str, int, int], float]:
     model, cfg = load_method(f"{run}/checkpoints/last.ckpt")
     if hh and not (model.hh_masks == "real" and model.mask_blend):
         raise SystemExit(f"{run}: --hh needs a run trained with hh_masks=real and mask_blend")
-    dm = run_data(cfg)
+    dm = run_data(cfg, "test" if split == "test" else "fit")
     values: dict[tuple[str, int, int], list[np.ndarray]] = {}
     lesions = [0] * len(SIZES)
     with torch.no_grad():
-        for b in dm.val_dataloader():
+        for b in dm._eval(split):  # noqa: SLF001 (any split, as the validation loader)
             x, m, truth = b["x_p"], b["m_p"], b["x_gt"]
             if hh:  # cycle H-H: R's rendering of another slice's mask on this healthy slice
                 m = m.roll(1, 0)
@@ -90,7 +96,7 @@ def main(run: str, hh: bool = False, median: bool = False) -> dict[tuple[str, in
     order = (*(-o for o in reversed(OUTSIDE)), *INSIDE)
     heads = [f"out {o}" for o in reversed(OUTSIDE)] + [f"in {d}" for d in INSIDE[:-1]] + ["in 5+"]
     print(
-        f"{run} (validation{', cycle H-H' if hh else ''}): by distance from the lesion's edge, "
+        f"{run} ({split}{', cycle H-H' if hh else ''}): by distance from the lesion's edge, "
         f"the {'median' if median else 'mean'} signed error "
         "(output, G's own output and its fill, minus the truth), the blend region's weight "
         f"and the truth's {'median' if median else 'mean'}"
@@ -117,6 +123,7 @@ if __name__ == "__main__":
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--hh", action="store_true", help="profile cycle H-H")
     parser.add_argument("--median", action="store_true", help="each bin's median, not its mean")
+    parser.add_argument("--split", default="validation", choices=("validation", "training", "test"))
     args = parser.parse_args()
     for run in args.runs:
-        main(run, hh=args.hh, median=args.median)
+        main(run, hh=args.hh, median=args.median, split=args.split)
