@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from phs.checkpoint import load_method, run_data
+from phs.checkpoint import load_method, split_loader
 from phs.methods.proposed import inpaint_input
 
 MIN_AREA, DEPTH = 30, 2  # lesions of at least MIN_AREA px; pixels at least DEPTH px inside
@@ -39,10 +39,9 @@ def main(run: str, split: str = "validation") -> dict[str, float]:
     model, cfg = load_method(f"{run}/checkpoints/last.ckpt")
     if not getattr(model, "inpaint", False):
         raise SystemExit(f"{run}: needs a run trained with options.inpaint")
-    dm = run_data(cfg, "test" if split == "test" else "fit")
     sums: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(4))  # n, truth, G, fill
     with torch.no_grad():
-        for b in dm._eval(split):  # noqa: SLF001 (any split, as the validation loader)
+        for b in split_loader(cfg, split):
             x, truth = b["x_p"], b["x_gt"].float().numpy()[:, 0]
             g, w = model.repaint(x, model.S(x))
             fill = inpaint_input(x, w, model.inpaint_fill)[0].float().numpy()[:, 0]

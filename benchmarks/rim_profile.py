@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from phs.checkpoint import load_method, run_data
+from phs.checkpoint import load_method, split_loader
 from phs.methods.proposed import inpaint_input
 
 SIZES = ((0, 30, "< 30 px"), (30, 150, "30-150 px"), (150, 10**9, ">= 150 px"))
@@ -62,11 +62,10 @@ def main(
     model, cfg = load_method(f"{run}/checkpoints/last.ckpt")
     if hh and not (model.hh_masks == "real" and model.mask_blend):
         raise SystemExit(f"{run}: --hh needs a run trained with hh_masks=real and mask_blend")
-    dm = run_data(cfg, "test" if split == "test" else "fit")
     values: dict[tuple[str, int, int], list[np.ndarray]] = {}
     lesions = [0] * len(SIZES)
     with torch.no_grad():
-        for b in dm._eval(split):  # noqa: SLF001 (any split, as the validation loader)
+        for b in split_loader(cfg, split):
             x, m, truth = b["x_p"], b["m_p"], b["x_gt"]
             if hh:  # cycle H-H: R's rendering of another slice's mask on this healthy slice
                 m = m.roll(1, 0)

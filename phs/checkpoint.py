@@ -103,9 +103,10 @@ def run_data(cfg: dict[str, Any], stage: str = "fit") -> Any:
 
 
 def split_loader(cfg: dict[str, Any], split: str = "validation") -> Any:
-    """The data loader of one split (``validation`` or ``test``) of the data a run was trained on
-    (its resolved config ``cfg``): for tools that score a run on a split."""
-    if split not in ("validation", "test"):
-        raise PhsError(f"split must be 'validation' or 'test', not '{split}'")
+    """The data loader of one split (``validation``, ``test`` or ``training``: its pathological
+    slices, unaugmented) of the data a run was trained on (its resolved config ``cfg``): for
+    tools that score a run on a split."""
+    if split not in ("validation", "test", "training"):
+        raise PhsError(f"split must be 'validation', 'test' or 'training', not '{split}'")
     dm = run_data(cfg, "test" if split == "test" else "fit")
-    return dm.test_dataloader() if split == "test" else dm.val_dataloader()
+    return dm.test_dataloader() if split == "test" else dm.eval_dataloader(split)

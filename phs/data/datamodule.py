@@ -827,7 +827,9 @@ class PHSDataModule(pl.LightningDataModule):
             return self._train_set.build(batch[RECIPE], device)
         return batch
 
-    def _eval(self, split: str) -> DataLoader | list:
+    def eval_dataloader(self, split: str) -> DataLoader | list:
+        """The pathological slices of one split (``training``, ``validation`` or ``test``),
+        unaugmented, in order, with ground truth where it exists: for scoring."""
         store = self.stores.get(split)
         if store is None or len(store) == 0:
             return []
@@ -844,7 +846,7 @@ class PHSDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._eval("validation")
+        return self.eval_dataloader("validation")
 
     def test_dataloader(self) -> DataLoader | list:
-        return self._eval(self.test_split)
+        return self.eval_dataloader(self.test_split)
