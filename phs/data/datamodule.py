@@ -393,6 +393,12 @@ def collate_train(items: list) -> dict[str, Any] | _InRing:
     return default_collate(items)
 
 
+def check_healthy_depth_k(k: Any) -> None:
+    """``data.healthy_depth_k`` is null or a whole number >= 1 (else a clear error)."""
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        raise PhsError(f"data.healthy_depth_k must be null or a whole number >= 1, not {k!r}")
+
+
 RECIPE = "recipe"  # the key of a batch to be built on the device (TrainSlices(on_device=True))
 
 
@@ -421,6 +427,7 @@ class TrainSlices(Dataset):
         augment: Mapping[str, Any] | None = None,
         seed: int = 0,
         on_device: bool = False,
+        healthy_depth_k: int | None = None,
     ) -> None:
         self.store, self.seed, self.on_device = store, seed, on_device
         self.p_idx = torch.nonzero(store.pathological).flatten()
@@ -429,6 +436,7 @@ class TrainSlices(Dataset):
             raise DataError("the training split has no pathological slices (no lesion in any mask)")
         if len(self.h_idx) == 0:
             raise DataError("the training split has no healthy slices (every slice has a lesion)")
+        self._h_window = self._depth_windows(healthy_depth_k)
         # pathological slices are grouped by volume: [start, end) of each slice's volume
         vol = store.case_idx[self.p_idx]
         self.vol_start = torch.searchsorted(vol, vol, right=False)
@@ -456,6 +464,23 @@ class TrainSlices(Dataset):
     def __len__(self) -> int:
         return len(self.p_idx)
 
+    def _depth_windows(self, k: int | None) -> list[int] | None:
+        """With ``k``: the healthy slices sorted by relative depth in their volume (0 at the
+        slab's first slice, 1 at its last), and for each pathological slice the start of the
+        ``k`` of them centred on its own depth (``None``: any healthy slice)."""
+        if k is None:
+            return None
+        check_healthy_depth_k(k)
+        s = self.store
+        n = torch.bincount(s.case_idx)[s.case_idx].double()
+        depth = s.slice_idx.double() / (n - 1).clamp(min=1)
+        order = torch.argsort(depth[self.h_idx], stable=True)
+        self.h_idx = self.h_idx[order]
+        k = min(k, len(self.h_idx))
+        pos = torch.searchsorted(depth[self.h_idx].contiguous(), depth[self.p_idx].contiguous())
+        self._h_k = k
+        return (pos - k // 2).clamp(0, len(self.h_idx) - k).tolist()
+
     def _other_volume_mask(self, i: int, rng: np.random.Generator | None = None) -> int:
         rng = rng or np.random.default_rng()
         n = len(self._p)
@@ -470,7 +495,10 @@ class TrainSlices(Dataset):
         ``(seed, epoch, i)``: 9 (flip, rotate, angle of the pair, of ``x_h``, of ``m_real``), then
         with :class:`IntensityAugment` 10 for ``x_p`` and 10 for ``x_h``."""
         rng = np.random.default_rng([self.seed, epoch, i])
-        h = self._h[int(rng.integers(len(self._h)))]
+        if self._h_window is None:
+            h = self._h[int(rng.integers(len(self._h)))]
+        else:  # one of the k healthy slices nearest this slice's depth (data.healthy_depth_k)
+            h = self._h[self._h_window[i] + int(rng.integers(self._h_k))]
         m = self._p[self._other_volume_mask(i, rng)]
         n = 9 + 2 * IntensityAugment.N_UNIFORMS * self.intensity.enabled
         return self._p[i], h, m, rng.random(n).tolist()
@@ -648,6 +676,7 @@ class PHSDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
         augment_on_device: bool = False,
+        healthy_depth_k: int | None = None,
         preprocess_workers: int = 2,
         cache_dir: str = "~/.cache/phs",
         skip_bad_cases: bool = False,
@@ -673,6 +702,8 @@ class PHSDataModule(pl.LightningDataModule):
         self.num_workers, self.preprocess_workers = num_workers, preprocess_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.augment_on_device = augment_on_device
+        check_healthy_depth_k(healthy_depth_k)
+        self.healthy_depth_k = healthy_depth_k
         self._train_set: TrainSlices | None = None
         if augment_on_device:  # only then is the hook overridden (a model's own stays in use)
             self.on_after_batch_transfer = self._build_on_device  # type: ignore[method-assign]
@@ -788,7 +819,11 @@ class PHSDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = TrainSlices(
-            self.stores["training"], self.augment, seed=self.seed, on_device=self.augment_on_device
+            self.stores["training"],
+            self.augment,
+            seed=self.seed,
+            on_device=self.augment_on_device,
+            healthy_depth_k=self.healthy_depth_k,
         )
         self._train_set = ds
         trainer = self.trainer
