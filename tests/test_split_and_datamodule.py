@@ -125,6 +125,48 @@ def test_real_masks_come_from_other_volumes(
     assert len(torch.unique(vol)) == 5
 
 
+def test_healthy_depth_k_draws_healthy_slices_near_the_pathological_depth(
+    brats_root: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """``healthy_depth_k``: cycle H-H's healthy slice is one of the k healthy slices nearest the
+    pathological slice's relative depth; the default (null) keeps the original draws."""
+    dm = _dm(brats_root, cache_dir, tmp_path, split={"test_fraction": 0.0, "val_fraction": 0.0})
+    dm.setup("fit")
+    store = dm.stores["training"]
+    n = torch.bincount(store.case_idx)[store.case_idx].double()
+    depth = (store.slice_idx.double() / (n - 1)).numpy()
+    healthy = ~store.pathological.numpy()
+    anywhere = TrainSlices(store, {"enabled": False}, seed=3)
+    k = 3
+    near = TrainSlices(store, {"enabled": False}, seed=3, healthy_depth_k=k)
+    gaps = {"any": [], "near": []}
+    for i in range(len(anywhere)):
+        for epoch in range(4):
+            (p, h, m, u), (p2, h2, m2, u2) = anywhere.draw(i, epoch), near.draw(i, epoch)
+            assert (p, m, u) == (p2, m2, u2)  # only the healthy slice's draw differs
+            assert healthy[h] and healthy[h2]
+            gaps["any"].append(abs(depth[p] - depth[h]))
+            gaps["near"].append(abs(depth[p] - depth[h2]))
+            # at most k - 1 healthy slices lie strictly nearer in depth than the one drawn
+            nearer = healthy & (np.abs(depth - depth[p]) < abs(depth[p] - depth[h2]) - 1e-9)
+            assert nearer.sum() <= k - 1
+    assert np.mean(gaps["near"]) < 0.5 * np.mean(gaps["any"])
+    # the default draws any healthy slice, as before this option existed
+    rng = np.random.default_rng([3, 0, 0])
+    assert anywhere.draw(0)[1] == anywhere._h[int(rng.integers(len(anywhere._h)))]
+    # k larger than the healthy slices: any of them
+    every = TrainSlices(store, {"enabled": False}, seed=3, healthy_depth_k=10_000)
+    assert {every.draw(0, e)[1] for e in range(200)} == set(np.flatnonzero(healthy).tolist())
+
+
+@pytest.mark.parametrize("k", [0, -2, 1.5, "3", True])
+def test_bad_healthy_depth_k_refused_when_made(
+    k: object, brats_root: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(PhsError, match="data.healthy_depth_k must be null or a whole number"):
+        _dm(brats_root, cache_dir, tmp_path, healthy_depth_k=k)
+
+
 def test_augmentation_same_for_image_and_mask(
     brats_root: Path, cache_dir: Path, tmp_path: Path
 ) -> None:

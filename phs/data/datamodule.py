@@ -467,7 +467,7 @@ class TrainSlices(Dataset):
     def _depth_windows(self, k: int | None) -> list[int] | None:
         """With ``k``: the healthy slices sorted by relative depth in their volume (0 at the
         slab's first slice, 1 at its last), and for each pathological slice the start of the
-        ``k`` of them centred on its own depth (``None``: any healthy slice)."""
+        ``k`` of them nearest its own depth (``None``: any healthy slice)."""
         if k is None:
             return None
         check_healthy_depth_k(k)
@@ -476,10 +476,15 @@ class TrainSlices(Dataset):
         depth = s.slice_idx.double() / (n - 1).clamp(min=1)
         order = torch.argsort(depth[self.h_idx], stable=True)
         self.h_idx = self.h_idx[order]
-        k = min(k, len(self.h_idx))
-        pos = torch.searchsorted(depth[self.h_idx].contiguous(), depth[self.p_idx].contiguous())
-        self._h_k = k
-        return (pos - k // 2).clamp(0, len(self.h_idx) - k).tolist()
+        a, x = depth[self.h_idx], depth[self.p_idx]
+        self._h_k = k = min(k, len(a))
+        # the k nearest of a sorted row are a window [lo, lo + k): binary search for each lo
+        lo, hi = torch.zeros_like(self.p_idx), torch.full_like(self.p_idx, len(a) - k)
+        while bool((lo < hi).any()):
+            mid = (lo + hi) // 2
+            right = (x - a[mid] > a[(mid + k).clamp(max=len(a) - 1)] - x) & (lo < hi)
+            lo, hi = torch.where(right, mid + 1, lo), torch.where(right | (lo >= hi), hi, mid)
+        return lo.tolist()
 
     def _other_volume_mask(self, i: int, rng: np.random.Generator | None = None) -> int:
         rng = rng or np.random.default_rng()
