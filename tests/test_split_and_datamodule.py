@@ -154,6 +154,16 @@ def test_healthy_depth_k_draws_healthy_slices_near_the_pathological_depth(
     # the default draws any healthy slice, as before this option existed
     rng = np.random.default_rng([3, 0, 0])
     assert anywhere.draw(0)[1] == anywhere._h[int(rng.integers(len(anywhere._h)))]
+    # the data module passes data.healthy_depth_k on to its training set
+    dm2 = _dm(
+        brats_root, cache_dir, tmp_path, split={"test_fraction": 0.0, "val_fraction": 0.0},
+        healthy_depth_k=k, seed=3,
+    )  # fmt: skip
+    dm2.setup("fit")
+    loaded = dm2.train_dataloader().dataset
+    assert [loaded.draw(i, 1) for i in range(len(near))] == [
+        near.draw(i, 1) for i in range(len(near))
+    ]
     # k larger than the healthy slices: any of them
     every = TrainSlices(store, {"enabled": False}, seed=3, healthy_depth_k=10_000)
     assert {every.draw(0, e)[1] for e in range(200)} == set(np.flatnonzero(healthy).tolist())
