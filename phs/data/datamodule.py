@@ -413,6 +413,9 @@ class TrainSlices(Dataset):
     (``__getitems__``): each slice goes from the store, augmented (:class:`SliceAugment`), into
     one batch buffer (in shared memory in a worker); ``ds[key]`` is the same item alone.
 
+    ``healthy_depth_k``: the healthy slice is one of the ``k`` healthy slices nearest the
+    pathological slice's relative depth in its slab, not any of them (``data.healthy_depth_k``).
+
     ``on_device=True``: the loader only draws; its batch is ``{"recipe": float64 array [B,21]}``
     (store rows of x_p, x_h, m_real, then each part's :meth:`SliceAugment.draw`; then the
     intensity uniforms of x_p and x_h, with :class:`IntensityAugment`), and
