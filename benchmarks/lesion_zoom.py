@@ -41,12 +41,13 @@ def largest_lesions(runs: list[str], split: str, n: int) -> list[Lesion]:
             for model, _ in models:
                 g, w = model.repaint(x, model.S(x))
                 outs.append((w * g + (1 - w) * x).float().numpy()[:, 0])
+            xs, truths = x.float().numpy()[:, 0], b["x_gt"].float().numpy()[:, 0]
             for i, lesion in enumerate(b["m_p"].numpy()[:, 0] > 0.5):
                 labels, count = ndimage.label(lesion, structure=np.ones((3, 3)))
+                xi, ti = xs[i], truths[i]
                 for c in range(1, count + 1):
                     one = labels == c
                     r, col = (int(v) for v in ndimage.center_of_mass(one))
-                    xi, ti = x[i, 0].float().numpy(), b["x_gt"][i, 0].float().numpy()
                     found.append((int(one.sum()), r, col, xi, ti, [o[i] for o in outs]))
             found = sorted(found, key=lambda t: -t[0])[:n]
     return found
