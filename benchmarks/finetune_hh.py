@@ -15,14 +15,16 @@ Usage: ``python benchmarks/finetune_hh.py RUN OUT [--steps 300] [--lr 1e-4] [--f
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from phs.checkpoint import load_method, run_data
 
 
-def batches(dm):
+def batches(dm: Any) -> Iterator[dict[str, Any]]:
     """The run's training batches, epoch after epoch."""
     while True:
         yield from dm.train_dataloader()
@@ -39,7 +41,7 @@ def main(run: str, out: str, steps: int = 300, lr: float = 1e-4, bf16: bool = Tr
     opt = torch.optim.Adam(model.G.parameters(), lr=lr, betas=(0.5, 0.999))
     torch.manual_seed(1)
     shown = 0.0
-    for step, batch in zip(range(1, steps + 1), batches(dm)):
+    for step, batch in zip(range(1, steps + 1), batches(dm), strict=False):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             c = model.fakes(batch)
             t = model.cycle_terms(batch, c)
