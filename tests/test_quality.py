@@ -656,6 +656,32 @@ def test_texture_contrast_fill_follows_the_mirrored_regions_brightness() -> None
     torch.testing.assert_close(contrast[~inside], x[~inside])
 
 
+def test_texture_trimmed_fill_ignores_a_dark_sulcus_in_the_ring() -> None:
+    """options.inpaint_fill=texture_trimmed: a dark sulcus beside the region darkens the texture
+    fill's local brightness (a smoothed mean of the ring); the trimmed fill leaves it out and
+    fills the region with the ring's typical tissue; outside the region x is kept."""
+    from phs.methods.proposed import inpaint_input
+
+    x = torch.zeros(1, 1, 40, 40)
+    x[..., 4:36, 4:36] = 0.6
+    x[..., 12:28, 17:19] = 0.1  # a dark sulcus two pixels right of the region
+    w = torch.zeros_like(x)
+    w[..., 14:26, 9:15] = 1.0
+    inside = w.bool()
+    texture, _ = inpaint_input(x, w, "texture")
+    trimmed, _ = inpaint_input(x, w, "texture_trimmed")
+    err_texture = (texture[inside] - 0.6).abs().mean()
+    err_trimmed = (trimmed[inside] - 0.6).abs().mean()
+    assert err_texture > 0.03  # pulled towards the sulcus
+    assert err_trimmed < 0.3 * err_texture
+    torch.testing.assert_close(trimmed[~inside], x[~inside])
+    flat = x.clone()
+    flat[..., 12:28, 17:19] = 0.6  # no outlier in the ring: the two fills agree
+    torch.testing.assert_close(
+        inpaint_input(flat, w, "texture_trimmed")[0], inpaint_input(flat, w, "texture")[0]
+    )
+
+
 def test_inpaint_output_ignores_what_is_inside_the_region(tmp_path: Path) -> None:
     """With inpaint, G repaints the blend region from its surroundings: two images that differ
     only inside it (a bright lesion vs a dark core) get the same pseudo-healthy image."""

@@ -46,7 +46,9 @@ Options beyond the paper (all off by default in the paper's configuration):
                        where that is brain outside the region; the mean elsewhere), "texture"
                        (the local brightness plus only the fine detail of the mirrored tissue), or
                        "texture_contrast" (texture, shifted by how much brighter or darker the
-                       mirrored region is than the mirrored ring around it).
+                       mirrored region is than the mirrored ring around it), or
+                       "texture_trimmed" (texture, its local brightness without the ring's
+                       outliers: sulci, ventricle edges, other lesions).
   inpaint_in_brain:    with inpaint, the fill goes only into the region's brain pixels (the
                        input's non-zero pixels, closed): where a region at the brain's edge
                        reaches into the background, G sees the background and the brain's
@@ -140,7 +142,7 @@ def nonzero(x: torch.Tensor) -> torch.Tensor:
 
 
 SEG_LOSSES = ("dice", "dice_bce", "tversky_bce")
-FILLS = ("mean", "mirror", "texture", "texture_contrast")
+FILLS = ("mean", "mirror", "texture", "texture_contrast", "texture_trimmed")
 
 
 @functools.lru_cache(maxsize=8)
@@ -197,6 +199,7 @@ def inpaint_input(
     detail_px: float = 1.0,
     midline_px: int = 4,
     contrast_px: float = 6.0,
+    trim: float = 0.1,
     brain: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """G's input with ``inpaint``: the image with the region ``w`` filled, and ``w`` itself.
@@ -211,6 +214,10 @@ def inpaint_input(
     tissue is in the region than in the ring around it (both smoothed over ``contrast_px``,
     clipped to 15 % of the mean): the local brightness is the ring's, and a region that lies in
     darker tissue than its ring (white matter under bright cortex) is filled too bright without.
+    ``"texture_trimmed"``: the texture fill, its local brightness smoothed a second time over
+    only the ring's pixels within ``trim`` (a fraction of the brain's mean) of the first: a
+    sulcus, a ventricle's edge or another lesion in the ring no longer darkens or brightens the
+    region, whose tissue is the ring's typical tissue, not its average.
 
     The texture fill's sizes are in pixels (``brightness_px``, ``detail_px``, and ``midline_px``,
     how far off-centre the midline is looked for): chosen at 2 mm, they do as well at 1 mm
@@ -226,8 +233,11 @@ def inpaint_input(
     if fill == "mirror":
         usable = around.flip(-1)  # the mirrored pixel is brain and outside the region
         value = usable * x.flip(-1) + (1 - usable) * value
-    elif fill in ("texture", "texture_contrast"):
+    elif fill.startswith("texture"):
         local = smooth(x, around, brightness_px, fallback=value)  # mean far inside a large region
+        if fill == "texture_trimmed":  # again, over the ring's pixels near that brightness
+            typical = around * ((x - local).abs() < trim * value)
+            local = smooth(x, typical, brightness_px, fallback=value)
         mirror, usable, _ = aligned_mirror(x, around, midline_px)
         detail = (mirror - smooth(mirror, usable, detail_px)) * usable
         limit = 0.15 * value
