@@ -6,13 +6,18 @@ The blend region is the true lesion, closed and dilated as the default blend doe
 the validation split, as is each fill's brightness there against the truth's, filled from the
 pathological slice and from the true healthy one. ``--sizes`` also tries the texture fill's sizes (in pixels: the local
 brightness's Gaussian, the mirrored detail's high-pass, the midline search), for example at
-the paper's 1 mm against the 2 mm they were chosen at, and how far the aligned mirror shifts
-the flipped slice to meet the brain's own midline. Usage:
+the paper's 1 mm against the 2 mm they were chosen at, how far the aligned mirror shifts
+the flipped slice to meet the brain's own midline, and the trimmed fill's ``trim`` (how far, as a
+fraction of the brain's mean, a ring pixel may lie from the first local brightness and still
+count). ``--depth`` prints each fill's mean signed error (fill minus truth) by distance from the
+lesion's edge, per lesion size, as ``benchmarks/rim_profile.py`` bins a trained model's output:
+the shape a fill gives G to start from. Usage:
 
     python benchmarks/fill_psnr.py data=synthetic_brats
     python benchmarks/fill_psnr.py data=synthetic_isles
     python benchmarks/fill_psnr.py --sizes data=synthetic_brats 'data.preprocess.spacing=[1.0,1.0,1.0]' \
         'data.preprocess.slice_size=[208,160]' data.preprocess.n_slices=60
+    python benchmarks/fill_psnr.py --sizes --depth experiment=ms data=synthetic_ms
 """
 
 from __future__ import annotations
@@ -24,17 +29,22 @@ import time
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
 from phs.methods.proposed import FILLS, aligned_mirror, closing, dilate, inpaint_input, nonzero
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # a sibling script, not a package
+from rim_profile import INSIDE, SIZES, bins  # noqa: E402
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # the texture fill's sizes tried by --sizes: brightness sigma, detail sigma, midline search (px)
-SIZES = list(itertools.product((2.0, 4.0, 8.0, 16.0), (1.0, 2.0), (4, 8)))
+GRID = list(itertools.product((2.0, 4.0, 8.0, 16.0), (1.0, 2.0), (4, 8)))
+TRIMS = (0.05, 0.1, 0.15, 0.2)  # texture_trimmed's trim tried by --sizes
 
 
-def main(overrides: list[str], sizes: bool = False) -> dict[str, float]:
+def main(overrides: list[str], sizes: bool = False, depth: bool = False) -> dict[str, float]:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
             "train",
@@ -55,13 +65,16 @@ def main(overrides: list[str], sizes: bool = False) -> dict[str, float]:
     )
     fills = {fill: {"fill": fill} for fill in FILLS}
     if sizes:
-        for b, d, s in SIZES:
+        for b, d, s in GRID:
             fills[f"texture b{b:g} d{d:g} s{s}"] = {
                 "fill": "texture",
                 "brightness_px": b,
                 "detail_px": d,
                 "midline_px": s,
             }
+        for t in TRIMS:
+            fills[f"texture_trimmed trim {t:g}"] = {"fill": "texture_trimmed", "trim": t}
+    profile: dict[tuple[str, int, int], list[np.ndarray]] = {}  # --depth: (fill, size, bin)
     err = dict.fromkeys(fills, 0.0)
     # each fill's brightness in the lesion: filled from the pathological slice (what G sees) and
     # from the true healthy slice with the same region (lesions outside it would brighten the first)
@@ -75,6 +88,16 @@ def main(overrides: list[str], sizes: bool = False) -> dict[str, float]:
         for name, kwargs in fills.items():
             filled, _ = inpaint_input(x, w, **kwargs)
             err[name] += float(((filled - truth) ** 2 * m).sum())
+            if depth and name in FILLS:
+                signed = (filled - truth).float().numpy()[:, 0]
+                for k, lesion in enumerate(m.numpy()[:, 0] > 0.5):
+                    if lesion.any():
+                        size, where, _ = bins(lesion)
+                        for c in range(len(SIZES)):
+                            for d in INSIDE:
+                                sel = (size == c) & (where == d)
+                                if sel.any():
+                                    profile.setdefault((name, c, d), []).append(signed[k][sel])
             bright["pathological"][name] += float((filled * m).sum())
             bright["healthy"][name] += float((inpaint_input(truth, w, **kwargs)[0] * m).sum())
         n += float(m.sum())
@@ -92,6 +115,17 @@ def main(overrides: list[str], sizes: bool = False) -> dict[str, float]:
             for fill in FILLS
         )
     )
+    if depth:
+        print(
+            "mean signed error (fill minus truth) by distance from the lesion's edge: "
+            + " / ".join(f"{d}{'+' if d == INSIDE[-1] else ''} px in" for d in INSIDE)
+        )
+        for c, (_, _, label) in enumerate(SIZES):
+            print(f"  {label}")
+            for name in FILLS:
+                row = [profile.get((name, c, d)) for d in INSIDE]
+                cells = [f"{np.concatenate(v).mean():+8.3f}" if v else f"{'-':>8}" for v in row]
+                print(f"    {name:<18}" + "".join(cells))
     if sizes:
         print(
             "texture fill sizes (px): brightness b, detail d, midline search s -> PSNR in the lesion"
@@ -123,5 +157,6 @@ def time_fills(n: int = 50) -> dict[str, float]:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main([a for a in args if a != "--sizes"], sizes="--sizes" in args)
+    flags = ("--sizes", "--depth")
+    main([a for a in args if a not in flags], sizes="--sizes" in args, depth="--depth" in args)
     time_fills()
