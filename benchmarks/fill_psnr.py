@@ -85,19 +85,22 @@ def main(overrides: list[str], sizes: bool = False, depth: bool = False) -> dict
     for batch in dm.val_dataloader():
         x, m, truth = batch["x_p"], (batch["m_p"] > 0.5).float(), batch["x_gt"]
         w = dilate(closing(m, close), grow) * nonzero(truth)
+        # --depth: each lesion pixel's (slice, size class, distance bin), found once per batch
+        selections = []
+        for k, lesion in enumerate(m.numpy()[:, 0] > 0.5) if depth else ():
+            if not lesion.any():
+                continue
+            size, where, _ = bins(lesion)
+            for c, d in itertools.product(range(len(SIZES)), INSIDE):
+                sel = (size == c) & (where == d)
+                if sel.any():
+                    selections.append((k, c, d, sel))
         for name, kwargs in fills.items():
             filled, _ = inpaint_input(x, w, **kwargs)
             err[name] += float(((filled - truth) ** 2 * m).sum())
-            if depth and name in FILLS:
-                signed = (filled - truth).float().numpy()[:, 0]
-                for k, lesion in enumerate(m.numpy()[:, 0] > 0.5):
-                    if lesion.any():
-                        size, where, _ = bins(lesion)
-                        for c in range(len(SIZES)):
-                            for d in INSIDE:
-                                sel = (size == c) & (where == d)
-                                if sel.any():
-                                    profile.setdefault((name, c, d), []).append(signed[k][sel])
+            signed = (filled - truth).float().numpy()[:, 0]
+            for k, c, d, sel in selections if name in FILLS else ():
+                profile.setdefault((name, c, d), []).append(signed[k][sel])
             bright["pathological"][name] += float((filled * m).sum())
             bright["healthy"][name] += float((inpaint_input(truth, w, **kwargs)[0] * m).sum())
         n += float(m.sum())
