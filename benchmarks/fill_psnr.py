@@ -98,9 +98,10 @@ def main(overrides: list[str], sizes: bool = False, depth: bool = False) -> dict
         for name, kwargs in fills.items():
             filled, _ = inpaint_input(x, w, **kwargs)
             err[name] += float(((filled - truth) ** 2 * m).sum())
-            signed = (filled - truth).float().numpy()[:, 0]
-            for k, c, d, sel in selections if name in FILLS else ():
-                profile.setdefault((name, c, d), []).append(signed[k][sel])
+            if selections and name in FILLS:
+                signed = (filled - truth).float().numpy()[:, 0]
+                for k, c, d, sel in selections:
+                    profile.setdefault((name, c, d), []).append(signed[k][sel])
             bright["pathological"][name] += float((filled * m).sum())
             bright["healthy"][name] += float((inpaint_input(truth, w, **kwargs)[0] * m).sum())
         n += float(m.sum())
